@@ -1,1 +1,29 @@
-"""reso-hf."""
+"""reso-hf: the Reso-LLM resonant language model and the DynamicLoRA adapter for Hugging Face.
+
+Importing this package registers ResoLLM with the transformers Auto classes and DynamicLoRA as a
+PEFT method.
+"""
+
+__version__ = "0.1.0"
+
+from .modeling import (
+    AgencyConfig,
+    EntanglementConfig,
+    PRSCConfig,
+    ResoLLMConfig,
+    ResoLLMForCausalLM,
+    ResoLLMModel,
+    ResoLLMPreTrainedModel,
+    StabilityConfig,
+    StochasticResonanceConfig,
+    TemporalSMFConfig,
+    large_config,
+    medium_config,
+    multi_agent_config,
+    small_config,
+    tiny_config,
+)
+from .registration import register_reso_llm
+from .tokenization import GUANACO_CHAT_TEMPLATE, ResoTokenizer, create_default_tokenizer, train_tokenizer
+
+register_reso_llm()

@@ -1,0 +1,163 @@
+"""The resonant components of ResoLLM (SPEC §3.1–§3.4).
+
+Self-contained (copied into checkpoints): only torch and relative imports.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .primes import first_primes
+
+GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
+
+# Phasor frequencies span slow to fast rotations of ln n; with ln p in [0.69, ~14] for 32k-100k
+# vocabularies the slowest component turns less than one radian and the fastest thousands.
+PRIME_CODE_MIN_FREQUENCY = 0.05
+PRIME_CODE_MAX_FREQUENCY = 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.1 Prime phasor code
+# ---------------------------------------------------------------------------------------------
+
+
+def prime_code_frequencies(num_frequencies: int) -> torch.Tensor:
+    """The K fixed, log-spaced frequencies f_k of the phasor code (float64)."""
+    return torch.logspace(
+        math.log10(PRIME_CODE_MIN_FREQUENCY), math.log10(PRIME_CODE_MAX_FREQUENCY), num_frequencies,
+        dtype=torch.float64,
+    )
+
+
+def prime_phasor(n: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+    """Complex phasor code ``c(n)_k = exp(2*pi*i * f_k * ln n)`` of positive integers ``n`` (complex128).
+
+    Because the phase is linear in ``ln n``, ``c(a*b) = c(a) * c(b)`` elementwise.
+    """
+    log_n = torch.log(n.to(torch.float64)).unsqueeze(-1)
+    return torch.polar(torch.ones_like(log_n), 2 * math.pi * prime_code_frequencies(num_frequencies) * log_n)
+
+
+def prime_code_table(vocab_size: int, code_dim: int) -> torch.Tensor:
+    """Real [cos, sin] code of each token's prime, shape (vocab_size, code_dim), float32."""
+    primes = torch.tensor(first_primes(vocab_size), dtype=torch.float64)
+    phasor = prime_phasor(primes, code_dim // 2)
+    return torch.cat([phasor.real, phasor.imag], dim=-1).to(torch.float32)
+
+
+class ResoLLMPrimeCode(nn.Module):
+    """Adds ``W_p [cos, sin](c(p_i))`` to the token embedding (the fixed code table is a buffer)."""
+
+    def __init__(self, vocab_size: int, code_dim: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.code_dim = code_dim
+        self.code_table = nn.Buffer(prime_code_table(vocab_size, code_dim), persistent=False)
+        self.proj = nn.Linear(code_dim, hidden_size, bias=False)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        codes = nn.functional.embedding(input_ids, self.code_table)
+        return self.proj(codes.to(self.proj.weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.2 Rotary spectra
+# ---------------------------------------------------------------------------------------------
+
+
+def rotary_inverse_frequencies(spectrum: str, num_pairs: int, head_dim: int, theta: float) -> torch.Tensor:
+    """Angular frequencies of the rotary pairs.
+
+    "geometric": the standard RoPE ``theta^(-2j/head_dim)``.
+    "golden": wavelengths ``lambda_j = 2*pi * phi^j``, so frequencies ``phi^-j``: consecutive ratios are
+    irrational and no two components re-align, a quasi-periodic position code.
+    """
+    j = torch.arange(num_pairs, dtype=torch.float64)
+    if spectrum == "geometric":
+        inv_freq = theta ** (-2 * j / head_dim)
+    elif spectrum == "golden":
+        inv_freq = GOLDEN_RATIO ** (-j)
+    else:
+        raise ValueError(f"rope_spectrum={spectrum!r} is invalid: expected one of ('geometric', 'golden')")
+    return inv_freq.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.3 Kuramoto phase synchronisation
+# ---------------------------------------------------------------------------------------------
+
+
+class ResoLLMKuramoto(nn.Module):
+    """One causal Kuramoto coupling step per layer.
+
+    Natural phases ``theta_t = W_theta h_t`` (one per key/value head) are pulled toward the running
+    mean field ``z_t = mean_{s<=t} exp(i theta_s)`` (padding excluded):
+    ``theta'_t = theta_t + K_h r_t sin(psi_t - theta_t)`` with ``r_t sin(psi_t - theta_t) = Im(z_t e^{-i theta_t})``.
+
+    The running sums are returned so the caller can keep them in the cache: state is the cumulative
+    ``(sum cos, sum sin)`` per position (B, H_kv, T, 2) and the cumulative count (B, 1, T, 1), which
+    crop, reorder and batch-select exactly like keys and values.
+    """
+
+    def __init__(self, hidden_size: int, num_key_value_heads: int, coupling_init: float):
+        super().__init__()
+        self.phase_proj = nn.Linear(hidden_size, num_key_value_heads, bias=False)
+        self.coupling = nn.Parameter(torch.full((num_key_value_heads,), float(coupling_init)))
+        self.coupling_init = coupling_init
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor,
+        previous_sum: torch.Tensor | None,
+        previous_count: torch.Tensor | None,
+    ):
+        """Returns ``(cos theta', sin theta', order parameter r, cumulative sum, cumulative count)``.
+
+        hidden_states (B, T, d); token_mask (B, T) with 1 for real tokens; previous_* the cached
+        cumulative values at the last cached position, or None at the start of a sequence.
+        """
+        theta = self.phase_proj(hidden_states).float().transpose(1, 2)  # (B, H, T)
+        cos_theta, sin_theta = theta.cos(), theta.sin()
+        mask = token_mask.to(torch.float32)[:, None, :]  # (B, 1, T)
+        phasor_sum = torch.stack([cos_theta * mask, sin_theta * mask], dim=-1).cumsum(dim=2)
+        count = mask.unsqueeze(-1).cumsum(dim=2)  # (B, 1, T, 1)
+        if previous_sum is not None:
+            phasor_sum = phasor_sum + previous_sum
+            count = count + previous_count
+        mean_field = phasor_sum / count.clamp(min=1.0)
+        z_re, z_im = mean_field[..., 0], mean_field[..., 1]
+        pull = z_im * cos_theta - z_re * sin_theta
+        coupled = theta + self.coupling.float()[None, :, None] * pull
+        order = torch.sqrt(z_re.square() + z_im.square())
+        return coupled.cos(), coupled.sin(), order, phasor_sum, count
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.4 Coherence gating
+# ---------------------------------------------------------------------------------------------
+
+
+class ResoLLMCoherenceGate(nn.Module):
+    """Scales an MLP output ``u_t`` by ``g_t = sigmoid(k (c_t - tau))`` with ``c_t = sigmoid(w.u_t + b)``.
+
+    The outer sigmoid is centred on the threshold tau and sharpened by k, so the gate spans (almost)
+    the whole of [0, 1]: fully closed for incoherent tokens, fully open for coherent ones.
+    """
+
+    # Bias at init: c = sigmoid(2) = 0.88 > tau, so a fresh gate is nearly open and training starts
+    # from an ordinary transformer block.
+    INITIAL_BIAS = 2.0
+
+    def __init__(self, hidden_size: int, threshold: float, sharpness: float):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        self.threshold = threshold
+        self.sharpness = sharpness
+
+    def forward(self, mlp_output: torch.Tensor):
+        coherence = torch.sigmoid(self.score(mlp_output))
+        gate = torch.sigmoid(self.sharpness * (coherence - self.threshold))
+        return mlp_output * gate, gate.squeeze(-1)

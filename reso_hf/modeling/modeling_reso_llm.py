@@ -5,6 +5,9 @@ Self-contained: only relative imports among `reso_hf/modeling/` plus torch/trans
 `save_pretrained` copies this file into the checkpoint for `trust_remote_code=True` loading.
 """
 
+import json
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -240,6 +243,41 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+def check_safetensors_file(path: str) -> None:
+    """Raise OSError naming ``path`` if it is not a complete safetensors file (header + all tensor bytes)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise OSError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if 8 + header_length > size:
+            raise OSError(f"{path} is truncated: header of {header_length} bytes but the file has {size} bytes")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise OSError(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from error
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    expected = 8 + header_length + data_end
+    if size != expected:
+        raise OSError(f"{path} is truncated or corrupt: expected {expected} bytes, found {size}")
+
+
+def check_local_checkpoint(directory: str) -> None:
+    """Validate the weights of a local checkpoint folder before transformers reads them."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        shard_path = os.path.join(directory, shard)
+        if not os.path.isfile(shard_path):
+            raise OSError(f"{directory} has no weights file {shard}: the checkpoint is incomplete")
+        check_safetensors_file(shard_path)
+
+
 class ResoLLMPreTrainedModel(PreTrainedModel):
     config: ResoLLMConfig
     config_class = ResoLLMConfig
@@ -258,6 +296,13 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
         "gates": OutputRecorder(ResoLLMCoherenceGate, index=1),
         "coherence": OutputRecorder(ResoLLMKuramoto, index=2),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            if kwargs.get("gguf_file") is None and kwargs.get("subfolder", "") == "":
+                check_local_checkpoint(str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -68,7 +68,7 @@ GUANACO_CHAT_TEMPLATE = (
     "{%- if not loop.first -%}"
     "{{ raise_exception('A system message is only allowed as the first message') }}"
     "{%- endif -%}"
-    "{{ content }}\n\n"
+    "{{ content ~ '\\n\\n' }}"
     "{%- elif message['role'] == 'user' -%}"
     "### Human: {{ content }}"
     "{%- elif message['role'] == 'assistant' -%}"

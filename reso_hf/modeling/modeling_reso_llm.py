@@ -74,11 +74,10 @@ class ResoLLMMLP(LlamaMLP):
 
 
 class ResoLLMRotaryEmbedding(nn.Module):
-    """Positional rotary phases for the first pairs of each head.
+    """Positional rotary phases (cos, sin) for the positional part of each head, in rotate-half layout.
 
-    With Kuramoto on, the last rotary pair of the head (dims ``m-1`` and ``2m-1`` in the
-    rotate-half layout, ``m = head_dim/2``) is reserved for the content phase, so only ``m-1``
-    positional pairs are produced here; the attention fills the reserved pair.
+    With Kuramoto on, the last two dims of every head are reserved for the content phase, so the
+    positional part covers ``head_dim - 2`` dims.
     """
 
     def __init__(self, config: ResoLLMConfig):
@@ -95,19 +94,18 @@ class ResoLLMRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor):
         freqs = position_ids[..., None].float() * self.inv_freq.float()
-        return freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)  # (B, T, num_pairs)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (B, T, positional dims)
 
 
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotation of ``states`` (B, H, T, D) by per-pair angles given as cos/sin (.., D/2)."""
-    cos = torch.cat([cos, cos], dim=-1)
-    sin = torch.cat([sin, sin], dim=-1)
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotation; cos/sin broadcast against ``states`` (B, H, T, D)."""
     return states * cos + rotate_half(states) * sin
 
 
 class ResoLLMAttention(nn.Module):
     """Causal GQA attention through transformers' attention interface, with positional rotary phases
-    and (when `config.kuramoto`) a content phase on one reserved pair per head: the score of query t
+    and (when `config.kuramoto`) a content phase on the last 2 dims of each head: the score of query t
     and key s then gains a term in ``cos(theta'_t - theta'_s)``.
     """
 
@@ -133,13 +131,8 @@ class ResoLLMAttention(nn.Module):
             else None
         )
 
-    def _phases(self, hidden_states, position_embeddings, token_mask, past_key_values):
-        """cos/sin per rotary pair for queries (B, H|1, T, D/2) and keys (B, H_kv|1, T, D/2)."""
-        cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if self.kuramoto is None:
-            return (cos, sin), (cos, sin)
-
+    def _content_phases(self, hidden_states, token_mask, past_key_values):
+        """cos/sin of the coupled Kuramoto phase per key/value head, (B, H_kv, T, 1) each."""
         phase_layer = self.config.num_hidden_layers + self.layer_idx
         previous_sum = previous_count = None
         if past_key_values is not None:
@@ -151,15 +144,30 @@ class ResoLLMAttention(nn.Module):
         )
         if past_key_values is not None:
             past_key_values.update(phasor_sum, count, phase_layer)
+        return content_cos.unsqueeze(-1), content_sin.unsqueeze(-1)
 
-        batch, _, seq_len = content_cos.shape
-        content_cos = content_cos.unsqueeze(-1).to(cos.dtype)  # (B, H_kv, T, 1)
-        content_sin = content_sin.unsqueeze(-1).to(sin.dtype)
-        key_cos = torch.cat([cos.expand(batch, self.num_key_value_heads, -1, -1), content_cos], dim=-1)
-        key_sin = torch.cat([sin.expand(batch, self.num_key_value_heads, -1, -1), content_sin], dim=-1)
-        query_cos = key_cos.repeat_interleave(self.num_key_value_groups, dim=1)
-        query_sin = key_sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        return (query_cos, query_sin), (key_cos, key_sin)
+    def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, past_key_values):
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.kuramoto is None:
+            return apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
+
+        content_cos, content_sin = self._content_phases(hidden_states, token_mask, past_key_values)
+        content_cos, content_sin = content_cos.to(query_states.dtype), content_sin.to(query_states.dtype)
+        positional = self.head_dim - 2
+        key_states = torch.cat(
+            [apply_rotary(key_states[..., :positional], cos, sin),
+             apply_rotary(key_states[..., positional:], content_cos, content_sin)],
+            dim=-1,
+        )
+        query_cos = content_cos.repeat_interleave(self.num_key_value_groups, dim=1)
+        query_sin = content_sin.repeat_interleave(self.num_key_value_groups, dim=1)
+        query_states = torch.cat(
+            [apply_rotary(query_states[..., :positional], cos, sin),
+             apply_rotary(query_states[..., positional:], query_cos, query_sin)],
+            dim=-1,
+        )
+        return query_states, key_states
 
     def forward(
         self,
@@ -177,11 +185,9 @@ class ResoLLMAttention(nn.Module):
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        (query_cos, query_sin), (key_cos, key_sin) = self._phases(
-            hidden_states, position_embeddings, token_mask, past_key_values
+        query_states, key_states = self._rotate(
+            query_states, key_states, hidden_states, position_embeddings, token_mask, past_key_values
         )
-        query_states = _rotate(query_states, query_cos, query_sin)
-        key_states = _rotate(key_states, key_cos, key_sin)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

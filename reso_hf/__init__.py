@@ -27,3 +27,8 @@ from .registration import register_reso_llm
 from .tokenization import GUANACO_CHAT_TEMPLATE, ResoTokenizer, create_default_tokenizer, train_tokenizer
 
 register_reso_llm()
+
+# DynamicLoRA PEFT tuner: importing the subpackage registers the "DYNAMIC_LORA" PEFT method (idempotent).
+from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraModel, register_dynamic_lora
+
+register_dynamic_lora()

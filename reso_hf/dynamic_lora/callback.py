@@ -1,0 +1,82 @@
+"""Trainer integration: run `dynamic_step()` after every optimizer step and log its metrics (SPEC §5.10)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import TrainerCallback
+
+
+def find_dynamic_lora_tuner(model):
+    """The DynamicLoraModel inside `model` (unwrapping DDP/FSDP `.module` and PeftModel `.base_model`)."""
+    from .model import DynamicLoraModel
+
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, DynamicLoraModel):
+            return model
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "base_model") and model.base_model is not model:
+            model = model.base_model
+        else:
+            break
+        seen += 1
+    raise ValueError(
+        "DynamicLoraCallback needs a model with a DynamicLoRA adapter (peft.get_peft_model(model, "
+        f"DynamicLoraConfig(...))); got {type(model).__name__}."
+    )
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "dynamic_lora") -> dict[str, float]:
+    """Numeric metrics as flat `dynamic_lora/<...>` keys, the form Trainer's loggers accept."""
+    flat: dict[str, float] = {}
+    health_codes = {"HEALTHY": 0, "ACCEPTABLE": 1, "DEGRADED": 2, "CRITICAL": 3}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, bool):
+            flat[name] = float(value)
+        elif isinstance(value, (int, float)):
+            flat[name] = float(value)
+        elif key == "health" and value in health_codes:
+            flat[name] = float(health_codes[value])
+    return flat
+
+
+class DynamicLoraCallback(TrainerCallback):
+    """Runs the DynamicLoRA dynamics after each optimizer step (before gradients are zeroed).
+
+    The latest metrics are added to every Trainer log entry (`trainer.state.log_history`) as
+    `dynamic_lora/...` keys (health coded 0 HEALTHY .. 3 CRITICAL). Trainer calls its own reporting
+    integrations before user callbacks; to have them see the metrics too, add this callback with
+    `DynamicLoraCallback.attach(trainer)`, which puts it first.
+    """
+
+    def __init__(self, adapter_name: Optional[str] = None) -> None:
+        self.adapter_name = adapter_name
+        self.last_metrics: dict[str, Any] = {}
+        self.steps = 0
+
+    @classmethod
+    def attach(cls, trainer, adapter_name: Optional[str] = None) -> "DynamicLoraCallback":
+        callback = cls(adapter_name)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        tuner = find_dynamic_lora_tuner(model)
+        self.last_metrics = tuner.dynamic_step(optimizer=optimizer, adapter_name=self.adapter_name)
+        self.steps += 1
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not self.last_metrics:
+            return control
+        flat = flatten_metrics(self.last_metrics)
+        logs.update(flat)
+        # Trainer appended a copy of `logs` to the history before calling the callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(flat)
+        return control

@@ -1,0 +1,800 @@
+"""The per-adapter dynamics of DynamicLoRA (SPEC §5.2-§5.7): one `AdapterDynamics` per adapter.
+
+`AdapterDynamics.step(layers, ...)` runs once after every optimizer step, in this order:
+
+1. non-finite check: NaN/Inf in any tier -> CRITICAL, every tier is restored to the last good values
+   (the anchors of the previous step), non-finite optimizer state of the factors is zeroed, step ends;
+2. interaction density rho_t and effective inertia alpha_eff,t from the tiers' gradient norms;
+3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW;
+   conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
+4. inertia: theta <- theta_old + (1 - alpha_eff) * damping * (theta_new - theta_old);
+5. importance EMA, SCREENED/FREE phases with hysteresis, homeostasis of tau, two-rate decay toward init;
+6. every `autocorr_window` steps: subspace autocorrelation, stability counters, migration requests and
+   vertical fast-tracks;
+7. one tick of the bandwidth queue: admitted migrations run (each with a rollback point);
+8. horizontal resonance across ranks (optional);
+9. anchors <- current values (the reference of the next realised update); health.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from .config import DynamicLoraConfig
+from .migration import (
+    MigrationQueue,
+    RollbackRing,
+    migrate_pattern,
+    subspace_autocorrelation,
+    top_subspace,
+)
+from .resonance import (
+    average_all_reduce,
+    distributed_world,
+    resonance_all_reduce,
+    update_cosine,
+)
+
+if TYPE_CHECKING:
+    from .layer import DynamicLoraLayer
+
+HEALTH_STATES = ("HEALTHY", "ACCEPTABLE", "DEGRADED", "CRITICAL")
+FACTOR_FIELDS = ("A", "B")
+# per (module, tier) tensors that are part of the saved dynamics state
+MODULE_TENSOR_FIELDS = (
+    "init_A",
+    "init_B",
+    "anchor_A",
+    "anchor_B",
+    "importance_A",
+    "importance_B",
+    "screened_A",
+    "screened_B",
+)
+
+
+@dataclass
+class ModuleTierState:
+    """Dynamics state of one tier on one module."""
+
+    tensors: dict[str, torch.Tensor]
+    subspace: Optional[torch.Tensor] = None  # top-k left singular subspace at the last window (out x k)
+    stable_count: int = 0
+    last_autocorr: float = 0.0
+
+
+@dataclass
+class TierState:
+    """Dynamics state of one tier over all modules."""
+
+    base_inertia: float
+    threshold: float  # tau
+    grad_norm_ema: float = 0.0
+    grad_norm_seen: bool = False
+    density: float = 1.0
+    alpha_eff: float = 0.0
+    screened_fraction: float = 0.0
+    vertical: float = 0.0  # cosine of this tier's update with the next slower tier's dW (last step)
+    vertical_ema: float = 0.0
+    damping: float = 1.0
+    horizontal_alignment: float = 0.0
+    horizontal_weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _level(value: float, healthy: float, factors: tuple[float, float]) -> int:
+    """0 healthy, 1 acceptable, 2 degraded, 3 critical for an upper-bounded metric."""
+    if value < healthy:
+        return 0
+    if value < healthy * factors[0]:
+        return 1
+    if value < healthy * factors[1]:
+        return 2
+    return 3
+
+
+class AdapterDynamics:
+    """All dynamics state of one adapter; operates on the adapter's layers passed to each call."""
+
+    def __init__(self, config: DynamicLoraConfig, adapter_name: str, layers: dict[str, "DynamicLoraLayer"]):
+        self.config = config
+        self.adapter_name = adapter_name
+        self.tiers: list[str] = list(config.tiers)
+        self.step_count = 0
+        self.tier_states: dict[str, TierState] = {
+            t: TierState(base_inertia=config.inertia_of(t), threshold=config.screening_threshold,
+                         alpha_eff=config.inertia_of(t))
+            for t in self.tiers
+        }
+        self.module_states: dict[str, dict[str, ModuleTierState]] = {}
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.reset_references(layers)
+        tier_parameters = {t: 0 for t in self.tiers}
+        for layer in layers.values():
+            for tier in self.tiers:
+                tier_parameters[tier] += layer.tier_ranks[adapter_name][tier] * (layer.in_features + layer.out_features)
+        self.tier_parameters = tier_parameters
+        budgets = {t: config.bandwidth_of(t) * tier_parameters[t] for t in self.tiers[1:]}
+        self.queue = MigrationQueue(
+            budgets=budgets,
+            refill=config.bandwidth_refill,
+            aging=config.queue_aging,
+            max_size=config.max_queue_size,
+            emergency_criticality=config.emergency_criticality,
+        )
+        self.ring = RollbackRing(config.rollback_capacity)
+        self.audit: deque[dict] = deque(maxlen=config.audit_log_capacity)
+        self.health_counts: dict[str, int] = {s: 0 for s in HEALTH_STATES}
+        self.recent_truncation: deque[float] = deque(maxlen=20)
+        self.conflict_history: deque[int] = deque(maxlen=100)
+        self.counters: dict[str, int] = {
+            "migrations": 0,
+            "fast_tracks": 0,
+            "rollbacks": 0,
+            "nonfinite_rollbacks": 0,
+            "threshold_changes": 0,
+            "rejected_migrations": 0,
+        }
+        self.last_nonfinite_step: int = -1
+        self.last_metrics: dict[str, Any] = {}
+        self.provenance_fn = None  # set by the tuner: callable returning the current provenance hash
+
+    # ----- references ----------------------------------------------------------------------------------
+    def reset_references(self, layers: dict[str, "DynamicLoraLayer"], incoming: Optional[dict] = None) -> None:
+        """(Re)build per-module state with init = anchor = the current (or incoming) factor values."""
+        self.module_states = {}
+        self.module_shapes = {}
+        for name, layer in layers.items():
+            self.module_shapes[name] = (layer.out_features, layer.in_features)
+            per_tier = {}
+            for tier in self.tiers:
+                factor_a = layer.dynamic_lora_A[self.adapter_name][tier].detach()
+                factor_b = layer.dynamic_lora_B[self.adapter_name][tier].detach()
+                if incoming is not None:
+                    factor_a = incoming.get((name, tier, "A"), factor_a).detach()
+                    factor_b = incoming.get((name, tier, "B"), factor_b).detach()
+                device = layer.dynamic_lora_A[self.adapter_name][tier].device
+                factor_a = factor_a.to(device)
+                factor_b = factor_b.to(device)
+                per_tier[tier] = ModuleTierState(
+                    tensors={
+                        "init_A": factor_a.clone(),
+                        # dW = 0 at B = 0 whatever A is: decay pulls toward the no-change state
+                        "init_B": torch.zeros_like(factor_b),
+                        "anchor_A": factor_a.clone(),
+                        "anchor_B": factor_b.clone(),
+                        "importance_A": torch.zeros_like(factor_a),
+                        "importance_B": torch.zeros_like(factor_b),
+                        "screened_A": torch.zeros_like(factor_a, dtype=torch.bool),
+                        "screened_B": torch.zeros_like(factor_b, dtype=torch.bool),
+                    }
+                )
+            self.module_states[name] = per_tier
+
+    # ----- helpers -------------------------------------------------------------------------------------
+    def _factor(self, layer: "DynamicLoraLayer", tier: str, which: str) -> torch.nn.Parameter:
+        container = layer.dynamic_lora_A if which == "A" else layer.dynamic_lora_B
+        return container[self.adapter_name][tier]
+
+    def _state_tensor(self, state: ModuleTierState, key: str, like: torch.Tensor) -> torch.Tensor:
+        tensor = state.tensors[key]
+        if tensor.device != like.device:
+            tensor = tensor.to(like.device)
+            state.tensors[key] = tensor
+        return tensor
+
+    def record(self, event: str, **details: Any) -> dict:
+        entry = {"step": self.step_count, "event": event, "adapter": self.adapter_name, **details}
+        self.audit.append(entry)
+        return entry
+
+    def _check_layout(self, layers: dict[str, "DynamicLoraLayer"]) -> None:
+        if set(layers) != set(self.module_states):
+            missing = sorted(set(self.module_states) - set(layers))
+            extra = sorted(set(layers) - set(self.module_states))
+            raise RuntimeError(
+                f"The adapted modules of adapter {self.adapter_name!r} changed since the dynamics state was built "
+                f"(missing: {missing[:5]}, new: {extra[:5]})."
+            )
+
+    # ----- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(
+        self,
+        layers: dict[str, "DynamicLoraLayer"],
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        allow_missing_gradients: bool = False,
+    ) -> dict[str, Any]:
+        config = self.config
+        self._check_layout(layers)
+        self.step_count += 1
+        metrics: dict[str, Any] = {"step": self.step_count}
+
+        # 1. non-finite values: restore the last good point (the anchors) and stop here
+        bad_tiers = sorted(
+            {
+                tier
+                for layer in layers.values()
+                for tier in self.tiers
+                for which in FACTOR_FIELDS
+                if not torch.isfinite(self._factor(layer, tier, which)).all()
+            },
+            key=self.tiers.index,
+        )
+        if bad_tiers:
+            self._restore_anchors(layers)
+            sanitized = self._sanitize_optimizer(layers, optimizer)
+            self.counters["nonfinite_rollbacks"] += 1
+            self.last_nonfinite_step = self.step_count
+            self.record("nonfinite_rollback", tiers=bad_tiers, sanitized_optimizer_tensors=sanitized,
+                        provenance=self._provenance())
+            metrics.update(self._health_metrics(nonfinite=True))
+            self.last_metrics = metrics
+            return metrics
+
+        # 2. gradients -> interaction density -> effective inertia
+        grad_sq = {t: 0.0 for t in self.tiers}
+        seen_gradient = False
+        for layer in layers.values():
+            for tier in self.tiers:
+                for which in FACTOR_FIELDS:
+                    grad = self._factor(layer, tier, which).grad
+                    if grad is not None:
+                        seen_gradient = True
+                        grad_sq[tier] += float(grad.float().pow(2).sum())
+        if not seen_gradient and not allow_missing_gradients:
+            raise RuntimeError(
+                "dynamic_step() found no gradient on any DynamicLoRA factor. Call it after optimizer.step() and "
+                "before optimizer.zero_grad() (DynamicLoraCallback does this under Trainer), or pass "
+                "allow_missing_gradients=True to run the dynamics without gradient information."
+            )
+        active, world_size, _ = distributed_world()
+        raw_density = {}
+        for tier in self.tiers:
+            state = self.tier_states[tier]
+            norm = math.sqrt(grad_sq[tier])
+            if state.grad_norm_seen:
+                state.grad_norm_ema = config.density_ema_beta * state.grad_norm_ema + (1 - config.density_ema_beta) * norm
+            else:
+                state.grad_norm_ema = norm
+                state.grad_norm_seen = seen_gradient
+            agents = world_size if (active and config.scope_of(tier) in ("shared", "swarm")) else 1
+            raw_density[tier] = agents * state.grad_norm_ema
+        mean_density = sum(raw_density.values()) / len(raw_density)
+        for tier in self.tiers:
+            state = self.tier_states[tier]
+            state.density = raw_density[tier] / mean_density if mean_density > 0 else 1.0
+            state.alpha_eff = state.base_inertia + (1 - state.base_inertia) * math.tanh(
+                config.density_coupling * max(0.0, state.density - 1.0)
+            )
+
+        # 3. vertical resonance between neighbouring tiers (slow = tiers[i-1], fast = tiers[i])
+        for tier in self.tiers:
+            self.tier_states[tier].damping = 1.0
+            self.tier_states[tier].vertical = 0.0
+        if config.vertical_resonance:
+            for index in range(1, len(self.tiers)):
+                slow, fast = self.tiers[index - 1], self.tiers[index]
+                cosines = []
+                for name, layer in layers.items():
+                    fast_state = self.module_states[name][fast]
+                    slow_state = self.module_states[name][slow]
+                    new_a, new_b = self._factor(layer, fast, "A"), self._factor(layer, fast, "B")
+                    inner, update_norm, slow_norm = update_cosine(
+                        new_a,
+                        new_b,
+                        self._state_tensor(fast_state, "anchor_A", new_a),
+                        self._state_tensor(fast_state, "anchor_B", new_b),
+                        layer.tier_scalings[self.adapter_name][fast],
+                        self._state_tensor(slow_state, "anchor_A", new_a),
+                        self._state_tensor(slow_state, "anchor_B", new_b),
+                        layer.tier_scalings[self.adapter_name][slow],
+                    )
+                    if update_norm > 0 and slow_norm > 0:
+                        cosines.append(inner / (update_norm * slow_norm))
+                vertical = sum(cosines) / len(cosines) if cosines else 0.0
+                fast_state_tier = self.tier_states[fast]
+                fast_state_tier.vertical = vertical
+                fast_state_tier.vertical_ema = 0.9 * fast_state_tier.vertical_ema + 0.1 * vertical
+                conflict = vertical < -config.conflict_threshold
+                self.conflict_history.append(int(conflict))
+                if conflict:
+                    fast_state_tier.damping = 1.0 - config.conflict_damping * abs(vertical)
+
+        # 4. inertia on the realised update; 5. importance, phases, decay
+        importance_sum = {t: 0.0 for t in self.tiers}
+        element_count = {t: 0 for t in self.tiers}
+        for name, layer in layers.items():
+            for tier in self.tiers:
+                tier_state = self.tier_states[tier]
+                factor_scale = (1.0 - tier_state.alpha_eff) * tier_state.damping
+                state = self.module_states[name][tier]
+                for which in FACTOR_FIELDS:
+                    param = self._factor(layer, tier, which)
+                    anchor = self._state_tensor(state, f"anchor_{which}", param)
+                    if factor_scale != 1.0:
+                        param.copy_(anchor + factor_scale * (param - anchor))
+                    grad = param.grad
+                    importance = self._state_tensor(state, f"importance_{which}", param)
+                    if grad is not None:
+                        importance.mul_(config.importance_beta).add_(
+                            (param * grad).abs().to(importance.dtype), alpha=1 - config.importance_beta
+                        )
+                    else:
+                        importance.mul_(config.importance_beta)
+                    importance_sum[tier] += float(importance.sum())
+                    element_count[tier] += importance.numel()
+        screened_count = {t: 0 for t in self.tiers}
+        for name, layer in layers.items():
+            for tier in self.tiers:
+                tier_state = self.tier_states[tier]
+                mean_importance = importance_sum[tier] / max(element_count[tier], 1)
+                state = self.module_states[name][tier]
+                for which in FACTOR_FIELDS:
+                    param = self._factor(layer, tier, which)
+                    importance = self._state_tensor(state, f"importance_{which}", param)
+                    screened = self._state_tensor(state, f"screened_{which}", param)
+                    if mean_importance > 0:
+                        normalised = importance / mean_importance
+                        enter = normalised > tier_state.threshold
+                        stay = screened & (normalised >= config.hysteresis_ratio * tier_state.threshold)
+                        screened.copy_(enter | stay)
+                    else:
+                        screened.zero_()
+                    screened_count[tier] += int(screened.sum())
+                    init = self._state_tensor(state, f"init_{which}", param)
+                    decay = torch.where(
+                        screened,
+                        torch.full_like(param, config.screened_decay),
+                        torch.full_like(param, config.free_decay),
+                    )
+                    param.sub_(decay * (param - init))
+        changed = {}
+        for tier in self.tiers:
+            tier_state = self.tier_states[tier]
+            tier_state.screened_fraction = screened_count[tier] / max(element_count[tier], 1)
+            if importance_sum[tier] <= 0:
+                continue  # no importance signal yet: homeostasis would only drift tau
+            before = tier_state.threshold
+            if tier_state.screened_fraction > config.homeostasis_upper:
+                tier_state.threshold *= config.homeostasis_up_factor
+            elif tier_state.screened_fraction < config.homeostasis_lower:
+                tier_state.threshold *= config.homeostasis_down_factor
+            if tier_state.threshold != before:
+                changed[tier] = {"from": before, "to": tier_state.threshold,
+                                 "screened_fraction": tier_state.screened_fraction}
+        if changed:
+            self.counters["threshold_changes"] += len(changed)
+            self.record("threshold_change", tiers=sorted(changed, key=self.tiers.index), changes=changed)
+
+        # 6. pattern detection and fast-tracks at window boundaries
+        if self.step_count % config.autocorr_window == 0:
+            metrics["patterns"] = self.detect_patterns(layers)
+            if config.vertical_resonance and config.migration_enabled:
+                for index in range(1, len(self.tiers)):
+                    slow, fast = self.tiers[index - 1], self.tiers[index]
+                    if self.tier_states[fast].vertical_ema > config.vertical_threshold:
+                        self.fast_track(layers, fast, slow)
+
+        # 7. one tick of the bandwidth queue
+        if config.migration_enabled:
+            admitted = self.queue.tick(self.step_count)
+            metrics["migrations_this_step"] = 0
+            for request in admitted:
+                result = self.run_migration(layers, request.module, request.source, request.target, request=request)
+                if result is not None:
+                    metrics["migrations_this_step"] += 1
+
+        # 8. horizontal resonance across ranks
+        if config.horizontal_resonance and active and world_size > 1:
+            metrics["horizontal"] = self.synchronise_ranks(layers)
+
+        # 9. anchors for the next step
+        self._set_anchors(layers)
+        metrics.update(self._health_metrics(nonfinite=False))
+        self.last_metrics = metrics
+        return metrics
+
+    # ----- anchors, optimizer --------------------------------------------------------------------------
+    def _set_anchors(self, layers: dict[str, "DynamicLoraLayer"]) -> None:
+        for name, layer in layers.items():
+            for tier in self.tiers:
+                state = self.module_states[name][tier]
+                for which in FACTOR_FIELDS:
+                    param = self._factor(layer, tier, which)
+                    self._state_tensor(state, f"anchor_{which}", param).copy_(param.detach())
+
+    def _restore_anchors(self, layers: dict[str, "DynamicLoraLayer"]) -> None:
+        for name, layer in layers.items():
+            for tier in self.tiers:
+                state = self.module_states[name][tier]
+                for which in FACTOR_FIELDS:
+                    param = self._factor(layer, tier, which)
+                    param.copy_(self._state_tensor(state, f"anchor_{which}", param))
+                    if param.grad is not None:
+                        param.grad.zero_()
+
+    def _sanitize_optimizer(self, layers: dict[str, "DynamicLoraLayer"], optimizer) -> int:
+        """Zero non-finite entries of the optimizer state of the factors, so that training can continue."""
+        if optimizer is None:
+            return 0
+        params = {
+            id(self._factor(layer, tier, which))
+            for layer in layers.values()
+            for tier in self.tiers
+            for which in FACTOR_FIELDS
+        }
+        count = 0
+        for param, state in optimizer.state.items():
+            if id(param) not in params:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    value.copy_(torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
+                    count += 1
+        return count
+
+    def _provenance(self) -> Optional[str]:
+        return self.provenance_fn() if self.provenance_fn is not None else None
+
+    # ----- patterns, migration -------------------------------------------------------------------------
+    def detect_patterns(self, layers: dict[str, "DynamicLoraLayer"]) -> dict[str, Any]:
+        """Measure the subspace autocorrelation of every non-slowest tier; queue stable patterns."""
+        config = self.config
+        autocorr_by_tier: dict[str, list[float]] = {t: [] for t in self.tiers[1:]}
+        submitted = 0
+        for name, layer in layers.items():
+            for index in range(1, len(self.tiers)):
+                tier, target = self.tiers[index], self.tiers[index - 1]
+                state = self.module_states[name][tier]
+                factor_a, factor_b = self._factor(layer, tier, "A"), self._factor(layer, tier, "B")
+                k = min(config.subspace_rank, factor_a.shape[0])
+                subspace, norm = top_subspace(factor_b, factor_a, layer.tier_scalings[self.adapter_name][tier], k)
+                if norm <= 1e-12:
+                    state.subspace, state.stable_count, state.last_autocorr = None, 0, 0.0
+                    continue
+                if state.subspace is not None:
+                    autocorr = subspace_autocorrelation(subspace, state.subspace.to(subspace.device))
+                    state.last_autocorr = autocorr
+                    state.stable_count = state.stable_count + 1 if autocorr >= config.stability_threshold else 0
+                    autocorr_by_tier[tier].append(autocorr)
+                state.subspace = subspace.detach().clone()
+                if state.stable_count >= config.stable_windows and config.migration_enabled:
+                    screened = self.module_states[name][tier].tensors
+                    saturation = float(
+                        (screened["screened_A"].sum() + screened["screened_B"].sum())
+                        / (screened["screened_A"].numel() + screened["screened_B"].numel())
+                    )
+                    request = self.queue.submit(
+                        module=name,
+                        source=tier,
+                        target=target,
+                        priority=state.last_autocorr,
+                        criticality=state.last_autocorr * saturation,
+                        size=factor_a.shape[0] * (layer.in_features + layer.out_features),
+                        tick=self.step_count,
+                    )
+                    if request is None:
+                        self.counters["rejected_migrations"] += 1
+                        self.record("migration_rejected", module=name, tiers=[tier, target],
+                                    queue_depth=self.queue.depth)
+                    else:
+                        submitted += 1
+                    state.stable_count = 0
+        return {
+            "autocorr": {t: (sum(v) / len(v) if v else 0.0) for t, v in autocorr_by_tier.items()},
+            "submitted": submitted,
+        }
+
+    def fast_track(self, layers: dict[str, "DynamicLoraLayer"], fast: str, slow: str) -> int:
+        count = 0
+        for name, layer in layers.items():
+            size = layer.tier_ranks[self.adapter_name][fast] * (layer.in_features + layer.out_features)
+            request = self.queue.submit(module=name, source=fast, target=slow, priority=1.0, criticality=1.0,
+                                        size=size, tick=self.step_count, fast_track=True)
+            if request is not None:
+                count += 1
+        self.counters["fast_tracks"] += count
+        self.record("fast_track", tiers=[fast, slow], modules=count,
+                    vertical_ema=self.tier_states[fast].vertical_ema)
+        return count
+
+    def run_migration(
+        self,
+        layers: dict[str, "DynamicLoraLayer"],
+        module: str,
+        source: str,
+        target: str,
+        request=None,
+        subspace: Optional[torch.Tensor] = None,
+    ) -> Optional[dict]:
+        """Move the top-k pattern of `source` on `module` into `target`; returns the audit entry."""
+        config = self.config
+        if module not in layers:
+            raise KeyError(f"Module {module!r} is not adapted by {self.adapter_name!r}.")
+        for tier in (source, target):
+            if tier not in self.tiers:
+                raise ValueError(f"Unknown tier {tier!r}; tiers of this adapter: {self.tiers}.")
+        if self.tiers.index(target) != self.tiers.index(source) - 1:
+            raise ValueError(f"Migration goes to the next slower tier: {source!r} -> "
+                             f"{self.tiers[max(self.tiers.index(source) - 1, 0)]!r}, not {target!r}.")
+        layer = layers[module]
+        scalings = layer.tier_scalings[self.adapter_name]
+        src_a, src_b = self._factor(layer, source, "A"), self._factor(layer, source, "B")
+        dst_a, dst_b = self._factor(layer, target, "A"), self._factor(layer, target, "B")
+        if subspace is None:
+            k = min(config.subspace_rank, src_a.shape[0])
+            subspace, norm = top_subspace(src_b, src_a, scalings[source], k)
+            if norm <= 1e-12:
+                self.record("migration_skipped", module=module, tiers=[source, target], reason="empty source")
+                return None
+        result = migrate_pattern(src_a, src_b, scalings[source], dst_a, dst_b, scalings[target],
+                                 subspace, config.migration_rate)
+        if not all(torch.isfinite(t).all() for t in (result.source_b, result.target_a, result.target_b)):
+            self.record("migration_skipped", module=module, tiers=[source, target], reason="non-finite result")
+            return None
+        dst_state = self.module_states[module][target]
+        point = self.ring.push(
+            self.step_count,
+            module,
+            [source, target],
+            {
+                f"{source}.A": src_a, f"{source}.B": src_b,
+                f"{target}.A": dst_a, f"{target}.B": dst_b,
+                f"{target}.init_A": dst_state.tensors["init_A"],
+            },
+        )
+        src_b.copy_(result.source_b)
+        dst_a.copy_(result.target_a)
+        dst_b.copy_(result.target_b)
+        # decay of the target pulls toward B = 0 with the new A (dW = 0), not toward the old random A
+        dst_state.tensors["init_A"] = result.target_a.detach().clone()
+        for tier, (factor_a, factor_b) in ((source, (src_a, src_b)), (target, (dst_a, dst_b))):
+            state = self.module_states[module][tier]
+            self._state_tensor(state, "anchor_A", factor_a).copy_(factor_a)
+            self._state_tensor(state, "anchor_B", factor_b).copy_(factor_b)
+        self.counters["migrations"] += 1
+        self.recent_truncation.append(result.relative_truncation_error)
+        entry = self.record(
+            "migration",
+            module=module,
+            tiers=[source, target],
+            size=int(src_a.shape[0] * (layer.in_features + layer.out_features)),
+            moved_norm=result.moved_norm,
+            truncation_error=result.truncation_error,
+            relative_truncation_error=result.relative_truncation_error,
+            wait=(self.step_count - request.enqueued_tick) if request is not None else 0,
+            fast_track=bool(request.fast_track) if request is not None else False,
+            rollback_point=point.point_id,
+            provenance=self._provenance(),
+        )
+        return entry
+
+    def rollback(self, layers: dict[str, "DynamicLoraLayer"], count: int) -> list[dict]:
+        """Undo the last `count` migrations, newest first, restoring the exact overwritten tensors."""
+        points = self.ring.pop_latest(count)
+        undone = []
+        with torch.no_grad():
+            for point in points:
+                layer = layers[point.module]
+                for key, tensor in point.tensors.items():
+                    tier, what = key.split(".", 1)
+                    state = self.module_states[point.module][tier]
+                    if what in FACTOR_FIELDS:
+                        param = self._factor(layer, tier, what)
+                        param.copy_(tensor.to(param.device))
+                        self._state_tensor(state, f"anchor_{what}", param).copy_(param)
+                    else:
+                        state.tensors[what] = tensor.clone()
+                self.counters["rollbacks"] += 1
+                undone.append(self.record("rollback", module=point.module, tiers=point.tiers,
+                                          rollback_point=point.point_id, provenance=self._provenance()))
+        return undone
+
+    # ----- horizontal resonance ------------------------------------------------------------------------
+    def synchronise_ranks(self, layers: dict[str, "DynamicLoraLayer"]) -> dict[str, Any]:
+        config = self.config
+        report: dict[str, Any] = {}
+        names = sorted(layers)  # same order on every rank
+        for tier in self.tiers:
+            scope = config.scope_of(tier)
+            if scope not in ("shared", "swarm"):
+                continue
+            params = [self._factor(layers[n], tier, w) for n in names for w in FACTOR_FIELDS]
+            anchors = [self.module_states[n][tier].tensors[f"anchor_{w}"] for n in names for w in FACTOR_FIELDS]
+            new_flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+            old_flat = torch.cat([a.to(new_flat.device).reshape(-1).float() for a in anchors])
+            if scope == "swarm":
+                synced, alignment, weight = resonance_all_reduce(
+                    old_flat, new_flat, config.horizontal_amplification, config.horizontal_dampening
+                )
+                self.tier_states[tier].horizontal_alignment = alignment
+                self.tier_states[tier].horizontal_weight = weight
+                report[tier] = {"alignment": alignment, "weight": weight}
+            else:
+                synced = average_all_reduce(new_flat)
+                report[tier] = {"averaged": True}
+            offset = 0
+            for param in params:
+                count = param.numel()
+                param.copy_(synced[offset: offset + count].view_as(param).to(param.dtype))
+                offset += count
+        return report
+
+    # ----- health --------------------------------------------------------------------------------------
+    def _health_metrics(self, nonfinite: bool) -> dict[str, Any]:
+        config = self.config
+        depth = self.queue.depth
+        average_wait = self.queue.average_wait(self.step_count)
+        conflict_rate = sum(self.conflict_history) / len(self.conflict_history) if self.conflict_history else 0.0
+        truncation = max(self.recent_truncation) if self.recent_truncation else 0.0
+        low, high = config.health_screened_range
+        levels: dict[str, int] = {
+            "queue_depth": _level(depth, config.health_max_queue_depth, (2.0, 4.0)),
+            "average_wait": _level(average_wait, config.health_max_avg_wait, (2.0, 5.0)),
+            "conflict_rate": min(_level(conflict_rate, config.health_max_conflict_rate, (3.0, 1e9)), 2)
+            if config.health_max_conflict_rate > 0 else int(conflict_rate > 0) * 2,
+            "truncation_error": min(_level(truncation, config.health_max_truncation_error, (3.0, 1e9)), 2)
+            if config.health_max_truncation_error > 0 else int(truncation > 0) * 2,
+        }
+        screened_level = 0
+        for tier in self.tiers:
+            tier_state = self.tier_states[tier]
+            if not tier_state.grad_norm_seen:
+                continue  # no importance signal yet
+            fraction = tier_state.screened_fraction
+            if low <= fraction <= high:
+                continue
+            screened_level = max(screened_level, 1 if (low - 0.15) <= fraction <= (high + 0.15) else 2)
+        levels["screened_fraction"] = screened_level
+        if nonfinite:
+            levels["nonfinite"] = 3
+        worst = max(levels.values())
+        state = HEALTH_STATES[worst]
+        self.health_counts[state] += 1
+        total = sum(self.health_counts.values())
+        return {
+            "health": state,
+            "health_reasons": sorted(k for k, v in levels.items() if v == worst and worst > 0),
+            "queue_depth": depth,
+            "average_wait": average_wait,
+            "conflict_rate": conflict_rate,
+            "truncation_error": truncation,
+            "healthy_fraction": self.health_counts["HEALTHY"] / total if total else 1.0,
+            "tiers": {t: self.tier_states[t].to_dict() for t in self.tiers},
+        }
+
+    def health(self) -> dict[str, Any]:
+        """Latest health report; before the first step the adapter is HEALTHY by construction."""
+        if not self.last_metrics:
+            return {"health": "HEALTHY", "health_reasons": [], "queue_depth": 0, "average_wait": 0.0,
+                    "conflict_rate": 0.0, "truncation_error": 0.0, "healthy_fraction": 1.0, "step": 0,
+                    "tiers": {t: self.tier_states[t].to_dict() for t in self.tiers}, "counters": dict(self.counters)}
+        report = {k: v for k, v in self.last_metrics.items() if k not in ("patterns", "horizontal")}
+        report["counters"] = dict(self.counters)
+        return report
+
+    # ----- persistence ---------------------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        return {
+            "tiers": [{"name": t, "rank": self.config.rank_of(t)} for t in self.tiers],
+            "modules": {name: list(shape) for name, shape in sorted(self.module_shapes.items())},
+        }
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able dict) holding everything needed to resume the dynamics bit for bit."""
+        tensors: dict[str, torch.Tensor] = {}
+        module_scalars: dict[str, dict[str, Any]] = {}
+        for name, per_tier in self.module_states.items():
+            module_scalars[name] = {}
+            for tier, state in per_tier.items():
+                for key, tensor in state.tensors.items():
+                    tensors[f"module.{name}.{tier}.{key}"] = tensor.detach().cpu()
+                if state.subspace is not None:
+                    tensors[f"module.{name}.{tier}.subspace"] = state.subspace.detach().cpu()
+                module_scalars[name][tier] = {
+                    "stable_count": state.stable_count,
+                    "last_autocorr": state.last_autocorr,
+                    "has_subspace": state.subspace is not None,
+                }
+        ring = []
+        for point in self.ring.points:
+            ring.append(point.describe())
+            for key, tensor in point.tensors.items():
+                tensors[f"ring.{point.point_id}.{key}"] = tensor.detach().cpu()
+        payload = {
+            "format": "reso_hf.dynamic_lora.state",
+            "version": 1,
+            "adapter_name": self.adapter_name,
+            "layout": self.layout(),
+            "step": self.step_count,
+            "tier_states": {t: s.to_dict() for t, s in self.tier_states.items()},
+            "module_scalars": module_scalars,
+            "queue": self.queue.state_dict(),
+            "ring": {"capacity": self.ring.capacity, "next_point_id": self.ring.next_point_id, "points": ring},
+            "audit": list(self.audit),
+            "health_counts": dict(self.health_counts),
+            "recent_truncation": list(self.recent_truncation),
+            "conflict_history": list(self.conflict_history),
+            "counters": dict(self.counters),
+            "last_nonfinite_step": self.last_nonfinite_step,
+            "last_metrics": self.last_metrics,
+        }
+        return tensors, payload
+
+    def check_compatible(self, payload: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError, before anything is changed, if a saved state does not fit this adapter."""
+        if payload.get("format") != "reso_hf.dynamic_lora.state":
+            raise ValueError(f"Not a DynamicLoRA dynamics state (format {payload.get('format')!r}).")
+        saved_tiers = payload["layout"]["tiers"]
+        expected_tiers = self.layout()["tiers"]
+        if saved_tiers != expected_tiers:
+            raise ValueError(
+                "The saved dynamics state has a different tier layout: saved "
+                f"{[(t['name'], t['rank']) for t in saved_tiers]}, this adapter has "
+                f"{[(t['name'], t['rank']) for t in expected_tiers]} (tiers and tier_ranks must match)."
+            )
+        saved_modules = payload["layout"]["modules"]
+        expected_modules = self.layout()["modules"]
+        if saved_modules != expected_modules:
+            missing = sorted(set(expected_modules) - set(saved_modules))
+            extra = sorted(set(saved_modules) - set(expected_modules))
+            raise ValueError(
+                "The saved dynamics state adapts different modules: missing "
+                f"{missing[:5]}, unexpected {extra[:5]} (or different shapes)."
+            )
+        for name, per_tier in self.module_states.items():
+            for tier, state in per_tier.items():
+                for key, tensor in state.tensors.items():
+                    saved = tensors.get(f"module.{name}.{tier}.{key}")
+                    if saved is None or tuple(saved.shape) != tuple(tensor.shape):
+                        raise ValueError(f"The saved dynamics state lacks or misshapes 'module.{name}.{tier}.{key}'.")
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], payload: dict[str, Any]) -> None:
+        self.check_compatible(payload, tensors)
+        module_states: dict[str, dict[str, ModuleTierState]] = {}
+        for name, per_tier in self.module_states.items():
+            module_states[name] = {}
+            for tier, state in per_tier.items():
+                scalars = payload["module_scalars"][name][tier]
+                device = state.tensors["anchor_A"].device
+                module_states[name][tier] = ModuleTierState(
+                    tensors={key: tensors[f"module.{name}.{tier}.{key}"].to(device).clone() for key in state.tensors},
+                    subspace=tensors[f"module.{name}.{tier}.subspace"].clone() if scalars["has_subspace"] else None,
+                    stable_count=int(scalars["stable_count"]),
+                    last_autocorr=float(scalars["last_autocorr"]),
+                )
+        self.module_states = module_states
+        self.step_count = int(payload["step"])
+        for tier, values in payload["tier_states"].items():
+            self.tier_states[tier] = TierState(**values)
+        self.queue.load_state_dict(payload["queue"])
+        ring = RollbackRing(payload["ring"]["capacity"])
+        ring.next_point_id = int(payload["ring"]["next_point_id"])
+        for described in payload["ring"]["points"]:
+            point = ring.push(described["step"], described["module"], described["tiers"],
+                              {k: tensors[f"ring.{described['point_id']}.{k}"] for k in described["keys"]})
+            point.point_id = described["point_id"]
+        ring.next_point_id = int(payload["ring"]["next_point_id"])
+        self.ring = ring
+        self.audit = deque(payload["audit"], maxlen=self.config.audit_log_capacity)
+        self.health_counts = {s: int(payload["health_counts"][s]) for s in HEALTH_STATES}
+        self.recent_truncation = deque((float(v) for v in payload["recent_truncation"]), maxlen=20)
+        self.conflict_history = deque((int(v) for v in payload["conflict_history"]), maxlen=100)
+        self.counters = {k: int(v) for k, v in payload["counters"].items()}
+        self.last_nonfinite_step = int(payload["last_nonfinite_step"])
+        self.last_metrics = payload["last_metrics"]
+
+
+def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 - the default set is the memory
+    if message not in _seen:
+        _seen.add(message)
+        warnings.warn(message, stacklevel=3)

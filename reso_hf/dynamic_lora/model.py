@@ -1,0 +1,377 @@
+"""The DynamicLoRA tuner: injection into any transformers model, dynamics, persistence, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from .config import (
+    AUDIT_LOG_NAME,
+    DYNAMICS_STATE_JSON_NAME,
+    DYNAMICS_STATE_TENSORS_NAME,
+    DynamicLoraConfig,
+)
+from .dynamics import AdapterDynamics
+from .export import DynamicLoraSnapshot, export_lora, provenance_hash
+from .layer import DynamicLoraLayer, create_dynamic_lora_module
+from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
+
+_TIER_KEY = re.compile(r"\.dynamic_lora_([AB])\.(?P<adapter>[^.]+)\.(?P<tier>[^.]+)$")
+_CHECKPOINT_TIER_KEY = re.compile(r"^(?P<module>.+)\.dynamic_lora_(?P<which>[AB])\.(?P<tier>[^.]+)$")
+
+
+class DynamicLoraModel(BaseTuner):
+    """Creates a DynamicLoRA model (SPEC §5) from a transformers model; use through `peft.get_peft_model`.
+
+    Example:
+
+        ```py
+        >>> import reso_hf
+        >>> from peft import get_peft_model
+        >>> config = reso_hf.DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(base_model, config)
+        >>> # after each optimizer.step(), before zero_grad():
+        >>> metrics = model.base_model.dynamic_step(optimizer)
+        ```
+    """
+
+    prefix: str = "dynamic_lora_"
+    tuner_layer_cls = DynamicLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # ----- injection -----------------------------------------------------------------------------------
+    def _create_and_replace(
+        self,
+        peft_config: DynamicLoraConfig,
+        adapter_name: str,
+        target: torch.nn.Module,
+        target_name: str,
+        parent: torch.nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if parameter_name is not None:
+            raise ValueError("DynamicLoRA adapts modules, not parameters: target_parameters must be None.")
+        if isinstance(target, DynamicLoraLayer):
+            target.update_layer(adapter_name, peft_config)
+        else:
+            new_module = create_dynamic_lora_module(target, adapter_name, peft_config)
+            if new_module.weight_is_transposed:
+                peft_config.fan_in_fan_out = True
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        peft_config.attach_dynamics_owner(self, adapter_name)
+
+    def _post_injection_hook(self, model: torch.nn.Module, config: DynamicLoraConfig, adapter_name: str) -> None:
+        # Capture init = the freshly initialised factors now, before any optimizer step.
+        self.dynamics(adapter_name)
+
+    # ----- access ------------------------------------------------------------------------------------
+    def adapter_layers(self, adapter_name: Optional[str] = None) -> dict[str, DynamicLoraLayer]:
+        """Module name (relative to the transformers model) -> DynamicLoRA layer holding `adapter_name`."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, DynamicLoraLayer) and adapter_name in module.dynamic_lora_A
+        }
+
+    def dynamics(self, adapter_name: Optional[str] = None) -> AdapterDynamics:
+        adapter_name = adapter_name or self.active_adapters[0]
+        registry = self.__dict__.setdefault("_dynamics_registry", {})
+        if adapter_name not in registry:
+            if adapter_name not in self.peft_config:
+                raise KeyError(f"Unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}.")
+            dynamics = AdapterDynamics(self.peft_config[adapter_name], adapter_name, self.adapter_layers(adapter_name))
+            dynamics.provenance_fn = lambda name=adapter_name: self.provenance(name)
+            registry[adapter_name] = dynamics
+        return registry[adapter_name]
+
+    def tier_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """"<module>.<tier>.<A|B>" -> factor (live parameters, not copies)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        tensors = {}
+        for name, layer in self.adapter_layers(adapter_name).items():
+            for tier in layer.tier_names[adapter_name]:
+                tensors[f"{name}.{tier}.A"] = layer.dynamic_lora_A[adapter_name][tier]
+                tensors[f"{name}.{tier}.B"] = layer.dynamic_lora_B[adapter_name][tier]
+        return tensors
+
+    def select_tiers(self, adapter_name: str, tiers: Optional[list[str]], include_private: bool) -> list[str]:
+        config = self.peft_config[adapter_name]
+        if tiers is None:
+            selected = [t for t in config.tiers if include_private or config.privacy_of(t) != "private"]
+        else:
+            unknown = [t for t in tiers if t not in config.tiers]
+            if unknown:
+                raise ValueError(f"tiers {unknown} are not tiers of adapter {adapter_name!r}; allowed: {config.tiers}.")
+            private = [t for t in tiers if config.privacy_of(t) == "private"]
+            if private and not include_private:
+                raise ValueError(
+                    f"tiers {private} are private (tier_privacy); pass include_private=True to write them."
+                )
+            selected = [t for t in config.tiers if t in tiers]
+        if not selected:
+            raise ValueError(f"No tier of adapter {adapter_name!r} is selected for writing.")
+        return selected
+
+    # ----- dynamics ----------------------------------------------------------------------------------
+    def dynamic_step(
+        self,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        adapter_name: Optional[str] = None,
+        allow_missing_gradients: bool = False,
+    ) -> dict[str, Any]:
+        """Run the dynamics once; call after `optimizer.step()` and before `optimizer.zero_grad()`.
+
+        Passing the optimizer lets a non-finite rollback also clean the optimizer state of the factors.
+        Returns the step's metrics (health, tiers' alpha_eff / rho / tau / screened fraction, queue, ...).
+        """
+        names = [adapter_name] if adapter_name else [a for a in self.active_adapters if a in self.peft_config]
+        metrics: dict[str, Any] = {}
+        for name in names:
+            config = self.peft_config[name]
+            if not config.dynamics_enabled or config.inference_mode:
+                metrics[name] = {"dynamics": "disabled"}
+                continue
+            metrics[name] = self.dynamics(name).step(
+                self.adapter_layers(name), optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
+            )
+        return metrics[names[0]] if len(names) == 1 else metrics
+
+    def health(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
+        """Health report: state (HEALTHY / ACCEPTABLE / DEGRADED / CRITICAL), reasons and the metrics behind it."""
+        return self.dynamics(adapter_name).health()
+
+    def rollback(self, n: int = 1, adapter_name: Optional[str] = None) -> list[dict]:
+        """Undo the last `n` migrations exactly (newest first)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return self.dynamics(adapter_name).rollback(self.adapter_layers(adapter_name), n)
+
+    def migrate(self, module: str, source: str, adapter_name: Optional[str] = None, subspace=None) -> Optional[dict]:
+        """Migrate the top-k pattern of tier `source` on `module` to the next slower tier now (manual trigger)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        tiers = self.peft_config[adapter_name].tiers
+        if source not in tiers or tiers.index(source) == 0:
+            raise ValueError(f"source must be one of {tiers[1:]} (a tier with a slower tier), got {source!r}.")
+        target = tiers[tiers.index(source) - 1]
+        return self.dynamics(adapter_name).run_migration(
+            self.adapter_layers(adapter_name), module, source, target, subspace=subspace
+        )
+
+    def audit_log(self, adapter_name: Optional[str] = None) -> list[dict]:
+        return list(self.dynamics(adapter_name).audit)
+
+    def write_audit_log(self, path: str, adapter_name: Optional[str] = None) -> None:
+        lines = [json.dumps(entry, sort_keys=True, allow_nan=False) for entry in self.audit_log(adapter_name)]
+        atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+    def ddp_params_to_ignore(self, adapter_name: Optional[str] = None, prefix: str = "") -> list[str]:
+        """Names of the swarm/agent/session tier parameters, for DDP's ignore list.
+
+        Under DDP every gradient is averaged, which would make the per-agent tiers identical across ranks and
+        leave nothing for the resonance-weighted swarm synchronisation to do. Before wrapping, call
+        `torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)`.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        local = {t for t in config.tiers if config.scope_of(t) != "shared"}
+        names = []
+        for name, _ in self.model.named_parameters():
+            match = _TIER_KEY.search(name)
+            if match and match["adapter"] == adapter_name and match["tier"] in local:
+                names.append(prefix + name)
+        return names
+
+    # ----- snapshots, provenance ---------------------------------------------------------------------
+    def provenance(self, adapter_name: Optional[str] = None) -> str:
+        """blake2b over canonical JSON of the config and the digests of every tier except session-scoped ones."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        excluded = {t for t in config.tiers if config.scope_of(t) == "session"}
+        return provenance_hash(config, self.tier_tensors(adapter_name), excluded)
+
+    def snapshot(self, adapter_name: Optional[str] = None) -> DynamicLoraSnapshot:
+        adapter_name = adapter_name or self.active_adapters[0]
+        tensors = {k: v.detach().clone() for k, v in self.tier_tensors(adapter_name).items()}
+        snapshot = DynamicLoraSnapshot(
+            adapter_name=adapter_name,
+            step=self.dynamics(adapter_name).step_count,
+            provenance=self.provenance(adapter_name),
+            tensors=tensors,
+            config=self.peft_config[adapter_name].to_dict(),
+        )
+        self.dynamics(adapter_name).record("snapshot", provenance=snapshot.provenance)
+        return snapshot
+
+    @torch.no_grad()
+    def restore_snapshot(self, snapshot: DynamicLoraSnapshot) -> None:
+        live = self.tier_tensors(snapshot.adapter_name)
+        if set(live) != set(snapshot.tensors):
+            raise ValueError("The snapshot does not match this adapter's modules and tiers.")
+        for key, tensor in snapshot.tensors.items():
+            if live[key].shape != tensor.shape:
+                raise ValueError(f"Snapshot tensor {key} has shape {tuple(tensor.shape)}, adapter has "
+                                 f"{tuple(live[key].shape)}.")
+        for key, tensor in snapshot.tensors.items():
+            live[key].copy_(tensor)
+        dynamics = self.dynamics(snapshot.adapter_name)
+        dynamics._set_anchors(self.adapter_layers(snapshot.adapter_name))
+        dynamics.record("restore_snapshot", provenance=snapshot.provenance)
+
+    # ----- persistence -------------------------------------------------------------------------------
+    def save_dynamics_state(self, save_directory: str, adapter_name: Optional[str] = None) -> None:
+        """Write the dynamics state (safetensors + JSON) and the audit log (JSON lines), each atomically."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        selection = self.__dict__.get("_save_selection", {}).get(adapter_name)
+        config = self.peft_config[adapter_name]
+        if selection is not None and list(selection) != list(config.tiers):
+            # A subset (privacy / tiers=) is meant for sharing: per-element dynamics of unsaved tiers would
+            # leak what the weights leave out, so only the audit log and a note are written.
+            atomic_write_json(
+                os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME),
+                {"format": "reso_hf.dynamic_lora.state", "omitted": True, "saved_tiers": list(selection)},
+            )
+            self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
+            return
+        tensors, payload = self.dynamics(adapter_name).state_dict()
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors)
+        atomic_write_json(os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME), payload)
+        self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
+
+    def load_dynamics_state(self, directory: str, adapter_name: Optional[str] = None) -> bool:
+        """Restore the dynamics state saved in `directory`; False if the folder holds none.
+
+        A state from a different tier layout (names, ranks, modules) raises ValueError and changes nothing.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        json_path = os.path.join(directory, DYNAMICS_STATE_JSON_NAME)
+        tensors_path = os.path.join(directory, DYNAMICS_STATE_TENSORS_NAME)
+        if not os.path.isfile(json_path):
+            return False
+        with open(json_path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        if payload.get("omitted"):
+            return False
+        if not os.path.isfile(tensors_path):
+            raise ValueError(f"{json_path} exists but {tensors_path} is missing: the dynamics state is incomplete.")
+        tensors = load_safetensors(tensors_path)
+        self.dynamics(adapter_name).load_state_dict(tensors, payload)
+        return True
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        tiers: Optional[list[str]] = None,
+        include_private: bool = False,
+        adapter_name: Optional[str] = None,
+    ) -> list[str]:
+        """Write the adapter like `PeftModel.save_pretrained`, restricted to `tiers` (default: all non-private).
+
+        The folder loads with `PeftModel.from_pretrained`; tiers that were not written keep their fresh
+        initialisation there. Returns the written tiers.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        selected = self.select_tiers(adapter_name, tiers, include_private)
+        state = {}
+        for name, layer in self.adapter_layers(adapter_name).items():
+            for tier in selected:
+                state[f"base_model.model.{name}.dynamic_lora_A.{tier}"] = layer.dynamic_lora_A[adapter_name][tier]
+                state[f"base_model.model.{name}.dynamic_lora_B.{tier}"] = layer.dynamic_lora_B[adapter_name][tier]
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_save_safetensors(os.path.join(save_directory, "adapter_model.safetensors"), state)
+        registry = self.__dict__.setdefault("_save_selection", {})
+        registry[adapter_name] = selected
+        inference_mode = config.inference_mode
+        config.inference_mode = True
+        try:
+            config.save_pretrained(save_directory)  # also writes the dynamics state (see attach_dynamics_owner)
+        finally:
+            config.inference_mode = inference_mode
+            registry.pop(adapter_name, None)
+        return selected
+
+    def export_lora(self, save_directory: str, adapter_name: Optional[str] = None, tiers: Optional[list[str]] = None,
+                    include_private: bool = False) -> dict:
+        """Write a standard PEFT LoRA adapter (rank = sum of ranks) that plain PEFT loads without reso_hf."""
+        return export_lora(self, save_directory, adapter_name=adapter_name, tiers=tiers,
+                           include_private=include_private)
+
+    # ----- PEFT hooks for saving and loading ----------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        tuner = getattr(model, "base_model", None)
+        chosen = None
+        if isinstance(tuner, DynamicLoraModel):
+            chosen = tuner.__dict__.get("_save_selection", {}).get(adapter_name)
+        if chosen is None:
+            chosen = [t for t in config.tiers if config.privacy_of(t) != "private"]
+            if isinstance(tuner, DynamicLoraModel):
+                tuner.__dict__.setdefault("_save_selection", {})[adapter_name] = chosen
+                if chosen == list(config.tiers):
+                    tuner.__dict__["_save_selection"].pop(adapter_name)
+        result = {}
+        for key, value in selected.items():
+            match = _TIER_KEY.search(key)
+            if match and match["adapter"] == adapter_name and match["tier"] not in chosen:
+                continue
+            result[key] = value
+        return result
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # Checkpoint tiers must exist in the model with the same ranks: checked before anything is loaded.
+        for key, value in state_dict.items():
+            match = _CHECKPOINT_TIER_KEY.match(key)
+            if not match:
+                continue
+            tier = match["tier"]
+            if tier not in config.tiers:
+                raise ValueError(
+                    f"The checkpoint holds tier {tier!r} ({key}) but the adapter config has tiers {config.tiers}: "
+                    "the tier layouts differ."
+                )
+            rank_dim = 0 if match["which"] == "A" else 1
+            if value.shape[rank_dim] != config.rank_of(tier):
+                raise ValueError(
+                    f"The checkpoint's tier {tier!r} has rank {value.shape[rank_dim]} ({key}) but the adapter "
+                    f"config gives rank {config.rank_of(tier)}: the tier layouts differ."
+                )
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, DynamicLoraModel) and adapter_name in tuner.peft_config:
+            source = getattr(config, "_dynamics_source", None)
+            restored = False
+            if source is not None:
+                directory = source[0] if source[1] is None else os.path.join(source[0], source[1])
+                if os.path.isdir(directory):
+                    restored = tuner.load_dynamics_state(directory, adapter_name)
+            if not restored:
+                # No saved dynamics: the loaded weights become the reference (init and anchors).
+                incoming = {}
+                for key, value in remapped.items():
+                    match = _TIER_KEY.search(key)
+                    if match and match["adapter"] == adapter_name:
+                        module = key[: match.start()].removeprefix("base_model.model.")
+                        incoming[(module, match["tier"], match.group(1))] = value
+                tuner.dynamics(adapter_name).reset_references(tuner.adapter_layers(adapter_name), incoming)
+        return remapped
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.__dict__.get("_dynamics_registry", {}).pop(adapter_name, None)

@@ -1,0 +1,30 @@
+"""Register DynamicLoRA with PEFT: enum member, config class, tuner class and the `dynamic_lora_` prefix."""
+
+from __future__ import annotations
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
+
+from ._peft_type import ensure_dynamic_lora_peft_type
+from .config import DynamicLoraConfig
+from .model import DynamicLoraModel
+
+
+def register_dynamic_lora() -> None:
+    """Make "dynamic_lora" a PEFT method; calling it again is a no-op (PEFT itself raises on repeats)."""
+    peft_type = ensure_dynamic_lora_peft_type()
+    registered = (
+        PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type),
+        PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type),
+        PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type),
+    )
+    if registered == (DynamicLoraConfig, DynamicLoraModel, DynamicLoraModel.prefix):
+        return
+    if any(entry is not None for entry in registered):
+        raise RuntimeError(
+            f"PEFT already has a different registration for {peft_type.value}: {registered}. Another package "
+            "registered the same name."
+        )
+    register_peft_method(
+        name="dynamic_lora", config_cls=DynamicLoraConfig, model_cls=DynamicLoraModel, prefix=DynamicLoraModel.prefix
+    )

@@ -324,6 +324,16 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.score.bias, ResoLLMCoherenceGate.INITIAL_BIAS)
 
 
+# v2 extensions whose computation is not in this version yet: enabling one is an error, never a no-op.
+EXTENSIONS_NOT_YET_AVAILABLE = ("agency", "prsc", "temporal_smf", "stability", "stochastic_resonance")
+
+
+def _check_extensions_available(config: ResoLLMConfig) -> None:
+    for name in EXTENSIONS_NOT_YET_AVAILABLE:
+        if getattr(config, name).enabled:
+            raise ValueError(f"{name}.enabled=True is not supported by this version of reso-hf yet; set it to False")
+
+
 def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int):
     out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
     if out_of_range.any():
@@ -336,6 +346,7 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__(config)
+        _check_extensions_available(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -434,6 +445,20 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def reset_state(self) -> None:
+        """Forget all state that outlives a call (goals, bindings, memory, stability window)."""
+        reset_generation_state = getattr(super(), "_reset_generation_state", None)
+        if reset_generation_state is not None:
+            reset_generation_state()
+
+    def goal_telemetry(self, sequences: torch.LongTensor, prompt_length: int):
+        """Per generated sequence: (descriptions of goals achieved, attention summary dict).
+
+        Without active goals nothing can be achieved and there are no foci to summarise.
+        """
+        batch = sequences.shape[0]
+        return [[] for _ in range(batch)], [{} for _ in range(batch)]
 
     @can_return_tuple
     def forward(

@@ -386,12 +386,7 @@ class AdapterDynamics:
 
         # 7. one tick of the bandwidth queue
         if config.migration_enabled:
-            admitted = self.queue.tick(self.step_count)
-            metrics["migrations_this_step"] = 0
-            for request in admitted:
-                result = self.run_migration(layers, request.module, request.source, request.target, request=request)
-                if result is not None:
-                    metrics["migrations_this_step"] += 1
+            metrics["migrations_this_step"] = self.process_queue(layers, self.step_count)
 
         # 8. horizontal resonance across ranks
         if config.horizontal_resonance and active and world_size > 1:
@@ -446,6 +441,7 @@ class AdapterDynamics:
         return self.provenance_fn() if self.provenance_fn is not None else None
 
     # ----- patterns, migration -------------------------------------------------------------------------
+    @torch.no_grad()
     def detect_patterns(self, layers: dict[str, "DynamicLoraLayer"]) -> dict[str, Any]:
         """Measure the subspace autocorrelation of every non-slowest tier; queue stable patterns."""
         config = self.config
@@ -494,6 +490,15 @@ class AdapterDynamics:
             "submitted": submitted,
         }
 
+    @torch.no_grad()
+    def process_queue(self, layers: dict[str, "DynamicLoraLayer"], tick: int) -> int:
+        """One tick of the bandwidth queue: run the admitted migrations; returns how many ran."""
+        done = 0
+        for request in self.queue.tick(tick):
+            if self.run_migration(layers, request.module, request.source, request.target, request=request, tick=tick):
+                done += 1
+        return done
+
     def fast_track(self, layers: dict[str, "DynamicLoraLayer"], fast: str, slow: str) -> int:
         count = 0
         for name, layer in layers.items():
@@ -507,6 +512,7 @@ class AdapterDynamics:
                     vertical_ema=self.tier_states[fast].vertical_ema)
         return count
 
+    @torch.no_grad()
     def run_migration(
         self,
         layers: dict[str, "DynamicLoraLayer"],
@@ -515,6 +521,7 @@ class AdapterDynamics:
         target: str,
         request=None,
         subspace: Optional[torch.Tensor] = None,
+        tick: Optional[int] = None,
     ) -> Optional[dict]:
         """Move the top-k pattern of `source` on `module` into `target`; returns the audit entry."""
         config = self.config
@@ -571,7 +578,7 @@ class AdapterDynamics:
             moved_norm=result.moved_norm,
             truncation_error=result.truncation_error,
             relative_truncation_error=result.relative_truncation_error,
-            wait=(self.step_count - request.enqueued_tick) if request is not None else 0,
+            wait=((self.step_count if tick is None else tick) - request.enqueued_tick) if request is not None else 0,
             fast_track=bool(request.fast_track) if request is not None else False,
             rollback_point=point.point_id,
             provenance=self._provenance(),
@@ -600,6 +607,7 @@ class AdapterDynamics:
         return undone
 
     # ----- horizontal resonance ------------------------------------------------------------------------
+    @torch.no_grad()
     def synchronise_ranks(self, layers: dict[str, "DynamicLoraLayer"]) -> dict[str, Any]:
         config = self.config
         report: dict[str, Any] = {}

@@ -29,19 +29,31 @@ def low_rank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor,
     return q_left @ u_core, singular_values, vh_core @ q_right.T
 
 
+# Singular directions weaker than this fraction of the strongest one are numerically absent: an arbitrary
+# basis of a null space would make the autocorrelation of a perfectly stable low-rank pattern look random.
+RELATIVE_RANK_TOLERANCE = 1e-3
+
+
 def top_subspace(factor_b: torch.Tensor, factor_a: torch.Tensor, scaling: float, k: int) -> tuple[torch.Tensor, float]:
-    """Top-k left singular subspace U (out x k, orthonormal columns) of s B A, and the Frobenius norm of s B A."""
+    """Top-k left singular subspace U (out x k', orthonormal columns) of s B A, and the Frobenius norm of s B A.
+
+    k' = min(k, numerical rank of s B A).
+    """
     u, singular_values, _ = low_rank_svd(scaling * factor_b.float(), factor_a.float())
-    k = min(k, u.shape[1])
+    if singular_values.numel() == 0 or float(singular_values[0]) == 0.0:
+        return u[:, :0], 0.0
+    numerical_rank = int((singular_values > RELATIVE_RANK_TOLERANCE * singular_values[0]).sum())
+    k = min(k, numerical_rank)
     return u[:, :k], float(torch.linalg.vector_norm(singular_values))
 
 
 def subspace_autocorrelation(current: torch.Tensor, previous: torch.Tensor) -> float:
     """||U_t^T U_{t-1}||_F^2 / k: 1 for the same subspace, about k / out for unrelated random subspaces."""
-    k = min(current.shape[1], previous.shape[1])
+    # divide by the larger dimension: a subspace that gained or lost directions is not the same pattern
+    k = max(current.shape[1], previous.shape[1])
     if k == 0:
         return 0.0
-    overlap = current[:, :k].T @ previous[:, :k]
+    overlap = current.T @ previous
     return float((overlap**2).sum()) / k
 
 

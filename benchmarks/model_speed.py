@@ -99,6 +99,8 @@ def peak_memory_mb(variant: str, args) -> float:
     """Peak RSS growth of one training step, measured in a fresh process."""
     command = [sys.executable, __file__, "--measure_memory_of", variant, "--preset", args.preset,
                "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--device", args.device]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -203,10 +205,13 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--output", default=str(RESULTS / "model_speed.json"))
     parser.add_argument("--measure_memory_of", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.measure_memory_of:
         _measure_memory_child(args)
         return

@@ -335,3 +335,20 @@ def test_tiny_preset_has_about_five_million_parameters():
     assert 4_000_000 < count < 6_000_000, count
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     assert math.isclose(model.config.coherence_threshold, 1 / GOLDEN_RATIO)
+
+
+@pytest.mark.parametrize("switches", SWITCH_PARAMS)
+def test_packed_documents_do_not_see_each_other(switches):
+    """Position-id resets mark packed documents: attention and the Kuramoto mean field both restart."""
+    model = micro_model(**switches)
+    first, second, third = [5, 17, 33, 41, 8], [60, 22, 9, 9, 70, 3, 12], [44, 45]
+    packed = torch.tensor([first + second + third])
+    position_ids = torch.tensor([list(range(5)) + list(range(7)) + list(range(2))])
+    with torch.no_grad():
+        # As for any transformers model, packing is recognised only without a cache (training setting).
+        packed_logits = model(packed, position_ids=position_ids, use_cache=False).logits[0]
+    offset = 0
+    for document in (first, second, third):
+        alone = _logits(model, torch.tensor([document]))[0]
+        assert torch.allclose(packed_logits[offset : offset + len(document)], alone, atol=1e-5)
+        offset += len(document)

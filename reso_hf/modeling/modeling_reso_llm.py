@@ -131,7 +131,7 @@ class ResoLLMAttention(nn.Module):
             else None
         )
 
-    def _content_phases(self, hidden_states, token_mask, past_key_values):
+    def _content_phases(self, hidden_states, token_mask, segment_starts, past_key_values):
         """cos/sin of the coupled Kuramoto phase per key/value head, (B, H_kv, T, 1) each."""
         phase_layer = self.config.num_hidden_layers + self.layer_idx
         previous_sum = previous_count = None
@@ -140,19 +140,20 @@ class ResoLLMAttention(nn.Module):
             if cached.is_initialized and cached.keys.shape[-2] > 0:
                 previous_sum, previous_count = cached.keys[:, :, -1:], cached.values[:, :, -1:]
         content_cos, content_sin, _, phasor_sum, count = self.kuramoto(
-            hidden_states, token_mask, previous_sum, previous_count
+            hidden_states, token_mask, previous_sum, previous_count, segment_starts
         )
         if past_key_values is not None:
             past_key_values.update(phasor_sum, count, phase_layer)
         return content_cos.unsqueeze(-1), content_sin.unsqueeze(-1)
 
-    def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, past_key_values):
+    def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, segment_starts,
+                past_key_values):
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if self.kuramoto is None:
             return apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
 
-        content_cos, content_sin = self._content_phases(hidden_states, token_mask, past_key_values)
+        content_cos, content_sin = self._content_phases(hidden_states, token_mask, segment_starts, past_key_values)
         content_cos, content_sin = content_cos.to(query_states.dtype), content_sin.to(query_states.dtype)
         positional = self.head_dim - 2
         key_states = torch.cat(
@@ -175,6 +176,7 @@ class ResoLLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
+        segment_starts: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,7 +188,7 @@ class ResoLLMAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         query_states, key_states = self._rotate(
-            query_states, key_states, hidden_states, position_embeddings, token_mask, past_key_values
+            query_states, key_states, hidden_states, position_embeddings, token_mask, segment_starts, past_key_values
         )
 
         if past_key_values is not None:
@@ -228,6 +230,7 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        segment_starts: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -237,6 +240,7 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             token_mask=token_mask,
+            segment_starts=segment_starts,
             past_key_values=past_key_values,
             **kwargs,
         )
@@ -418,6 +422,13 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         else:
             token_mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
 
+        # Packed documents restart their position ids; Kuramoto's mean field restarts with them.
+        segment_starts = None
+        if self.config.kuramoto and seq_len > 1 and position_ids.shape[0] == inputs_embeds.shape[0]:
+            starts = position_ids == 0
+            if starts[:, 1:].any():
+                segment_starts = starts
+
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -426,6 +437,7 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
                 token_mask=token_mask,
+                segment_starts=segment_starts,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 **kwargs,

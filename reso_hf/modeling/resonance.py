@@ -113,11 +113,14 @@ class ResoLLMKuramoto(nn.Module):
         token_mask: torch.Tensor,
         previous_sum: torch.Tensor | None,
         previous_count: torch.Tensor | None,
+        segment_starts: torch.Tensor | None = None,
     ):
         """Returns ``(cos theta', sin theta', order parameter r, cumulative sum, cumulative count)``.
 
         hidden_states (B, T, d); token_mask (B, T) with 1 for real tokens; previous_* the cached
-        cumulative values at the last cached position, or None at the start of a sequence.
+        cumulative values at the last cached position, or None at the start of a sequence;
+        segment_starts (B, T) bool marks the first token of each packed document: the mean field
+        restarts there, so no phase information crosses a document boundary.
         """
         theta = self.phase_proj(hidden_states).float().transpose(1, 2)  # (B, H, T)
         cos_theta, sin_theta = theta.cos(), theta.sin()
@@ -127,12 +130,27 @@ class ResoLLMKuramoto(nn.Module):
         if previous_sum is not None:
             phasor_sum = phasor_sum + previous_sum
             count = count + previous_count
+        if segment_starts is not None:
+            phasor_sum, count = _restart_at_segments(phasor_sum, count, cos_theta, sin_theta, mask, segment_starts)
         mean_field = phasor_sum / count.clamp(min=1.0)
         z_re, z_im = mean_field[..., 0], mean_field[..., 1]
         pull = z_im * cos_theta - z_re * sin_theta
         coupled = theta + self.coupling.float()[None, :, None] * pull
         order = torch.sqrt(z_re.square() + z_im.square())
         return coupled.cos(), coupled.sin(), order, phasor_sum, count
+
+
+def _restart_at_segments(phasor_sum, count, cos_theta, sin_theta, mask, segment_starts):
+    """Subtract, from each running sum, its value just before the latest segment start at or before t."""
+    positions = torch.arange(segment_starts.shape[-1], device=segment_starts.device)
+    latest_start = torch.where(segment_starts, positions, -1).cummax(dim=-1).values  # (B, T)
+    has_start = (latest_start >= 0)[:, None, :, None]
+    index = latest_start.clamp(min=0)[:, None, :, None]
+    sum_before = phasor_sum - torch.stack([cos_theta * mask, sin_theta * mask], dim=-1)
+    count_before = count - mask.unsqueeze(-1)
+    base_sum = sum_before.gather(2, index.expand(-1, sum_before.shape[1], -1, 2))
+    base_count = count_before.gather(2, index)
+    return phasor_sum - base_sum * has_start, count - base_count * has_start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_reso_llm import ResoLLMConfig
+from .generation_reso_llm import ResoLLMGenerationMixin
 from .resonance import (
     ResoLLMCoherenceGate,
     ResoLLMKuramoto,
@@ -329,7 +330,7 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
 
 
 # v2 extensions whose computation is not in this version yet: enabling one is an error, never a no-op.
-EXTENSIONS_NOT_YET_AVAILABLE = ("agency", "prsc", "temporal_smf", "stability", "stochastic_resonance")
+EXTENSIONS_NOT_YET_AVAILABLE = ("agency", "prsc", "temporal_smf")
 
 
 def _check_extensions_available(config: ResoLLMConfig) -> None:
@@ -446,7 +447,7 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         return ResoLLMModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
-class ResoLLMForCausalLM(ResoLLMPreTrainedModel, GenerationMixin):
+class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}

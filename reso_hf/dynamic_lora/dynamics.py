@@ -320,8 +320,8 @@ class AdapterDynamics:
                 for which in FACTOR_FIELDS:
                     param = self._factor(layer, tier, which)
                     anchor = self._state_tensor(state, f"anchor_{which}", param)
-                    if factor_scale != 1.0:
-                        param.copy_(anchor + factor_scale * (param - anchor))
+                    if factor_scale != 1.0:  # in place: theta_old + f (theta_new - theta_old)
+                        param.sub_(anchor).mul_(factor_scale).add_(anchor)
                     grad = param.grad
                     importance = self._state_tensor(state, f"importance_{which}", param)
                     if grad is not None:
@@ -343,20 +343,17 @@ class AdapterDynamics:
                     importance = self._state_tensor(state, f"importance_{which}", param)
                     screened = self._state_tensor(state, f"screened_{which}", param)
                     if mean_importance > 0:
-                        normalised = importance / mean_importance
-                        enter = normalised > tier_state.threshold
-                        stay = screened & (normalised >= config.hysteresis_ratio * tier_state.threshold)
-                        screened.copy_(enter | stay)
+                        # I / mean > tau, written without dividing the whole tensor
+                        enter = importance > tier_state.threshold * mean_importance
+                        stay = importance >= config.hysteresis_ratio * tier_state.threshold * mean_importance
+                        stay &= screened
+                        screened.copy_(enter.logical_or_(stay))
                     else:
                         screened.zero_()
                     screened_count[tier] += int(screened.sum())
                     init = self._state_tensor(state, f"init_{which}", param)
-                    decay = torch.where(
-                        screened,
-                        torch.full_like(param, config.screened_decay),
-                        torch.full_like(param, config.free_decay),
-                    )
-                    param.sub_(decay * (param - init))
+                    decay = torch.where(screened, config.screened_decay, config.free_decay).to(param.dtype)
+                    param.sub_(decay.mul_(param - init))
         changed = {}
         for tier in self.tiers:
             tier_state = self.tier_states[tier]

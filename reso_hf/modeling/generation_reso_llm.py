@@ -29,6 +29,8 @@ Definitions (all per generated sequence, one value per generated token):
   is applied only when sampling (greedy decoding is temperature-invariant; there the trace records
   the temperature the rule would use), by multiplying the scores by ``T_base / T`` before
   transformers' temperature warper divides by ``T_base``.
+  With ``stability.enabled=False`` (telemetry only) the rule does not run and the trace is the
+  constant base temperature.
 - **Stopping**: with ``stability.enabled`` a row stops once it has been ``divergent`` for
   ``predictive_horizon`` consecutive steps (recorded as a ``stopped_divergent`` warning).
 - **Stochastic resonance**: repetition score over the last ``repetition_window`` tokens of each row
@@ -259,7 +261,7 @@ class StabilityMonitor(LogitsProcessor):
         return cls(
             lyapunov_threshold=st.lyapunov_threshold, predictive_horizon=st.predictive_horizon,
             window_size=st.window_size, min_temperature=st.min_temperature, max_temperature=st.max_temperature,
-            base_temperature=base_temperature, auto_temperature=st.auto_temperature_adjust,
+            base_temperature=base_temperature, auto_temperature=active and st.auto_temperature_adjust,
             apply_temperature=active and do_sample and st.auto_temperature_adjust, stop_on_divergence=active,
             initial_window=initial_window,
         )

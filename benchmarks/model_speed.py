@@ -2,7 +2,7 @@
 
 Measures, per variant: training step (forward + backward + AdamW step), prefill (forward, no grad),
 decode tokens/s (greedy, KV cache, exactly `--new_tokens` tokens, batch 1) and peak memory of a
-training step (a fresh subprocess per variant, since peak RSS only grows within a process).
+training step (peak RSS growth over the step, a fresh subprocess per variant).
 Timings are interleaved across variants and reported as medians, so machine noise hits all alike.
 
     python benchmarks/model_speed.py                 # small_config() dimensions
@@ -12,7 +12,6 @@ Timings are interleaved across variants and reported as medians, so machine nois
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -114,10 +113,18 @@ def _measure_memory_child(args):
         time_train_step(model, optimizer, batch, args.device)
         print(torch.cuda.max_memory_allocated() / 2**20)
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss survives fork+exec (it would report the parent's peak); VmHWM belongs to this process image.
+    before = _proc_status_mb("VmRSS")
     for _ in range(2):
         time_train_step(model, optimizer, batch, args.device)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    print(_proc_status_mb("VmHWM") - before)
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status (peak memory on CPU needs Linux)")
 
 
 def run(args) -> dict:

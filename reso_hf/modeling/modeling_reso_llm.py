@@ -75,15 +75,17 @@ class ResoLLMMLP(LlamaMLP):
 
 
 class ResoLLMRotaryEmbedding(nn.Module):
-    """Positional rotary phases (cos, sin) for the positional part of each head, in rotate-half layout.
+    """Positional rotary phases in rotate-half layout (pair j = dims j and j + head_dim/2).
 
-    With Kuramoto on, the last two dims of every head are reserved for the content phase, so the
-    positional part covers ``head_dim - 2`` dims.
+    Without Kuramoto it returns full-width cos/sin exactly like Llama. With Kuramoto the last pair of
+    every head is reserved for the content phase, so it returns the ``head_dim/2 - 1`` positional
+    angles of one half; the attention completes each layer's full-width cos/sin.
     """
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__()
         self.config = config
+        self.reserve_content_pair = config.kuramoto
         self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
 
     @staticmethod
@@ -94,9 +96,10 @@ class ResoLLMRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor):
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (B, T, positional dims)
+        angles = position_ids[..., None].float() * self.inv_freq.float()
+        if not self.reserve_content_pair:
+            angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,8 +109,8 @@ def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 class ResoLLMAttention(nn.Module):
     """Causal GQA attention through transformers' attention interface, with positional rotary phases
-    and (when `config.kuramoto`) a content phase on the last 2 dims of each head: the score of query t
-    and key s then gains a term in ``cos(theta'_t - theta'_s)``.
+    and (when `config.kuramoto`) a content phase on the last rotary pair of each head: the score of
+    query t and key s then gains a term in ``cos(theta'_t - theta'_s)``.
     """
 
     def __init__(self, config: ResoLLMConfig, layer_idx: int):
@@ -139,7 +142,8 @@ class ResoLLMAttention(nn.Module):
         if past_key_values is not None:
             cached = past_key_values.layers[phase_layer]
             if cached.is_initialized and cached.keys.shape[-2] > 0:
-                previous_sum, previous_count = cached.keys[:, :, -1:], cached.values[:, :, -1:]
+                # The cache layer stores values in the keys' (complex) dtype; the count is real.
+                previous_sum, previous_count = cached.keys[:, :, -1:], cached.values[:, :, -1:].real
         content_cos, content_sin, _, phasor_sum, count = self.kuramoto(
             hidden_states, token_mask, previous_sum, previous_count, segment_starts
         )
@@ -154,22 +158,19 @@ class ResoLLMAttention(nn.Module):
         if self.kuramoto is None:
             return apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
 
+        # Complete the positional half-angles with the content phase in the reserved last pair.
         content_cos, content_sin = self._content_phases(hidden_states, token_mask, segment_starts, past_key_values)
-        content_cos, content_sin = content_cos.to(query_states.dtype), content_sin.to(query_states.dtype)
-        positional = self.head_dim - 2
-        key_states = torch.cat(
-            [apply_rotary(key_states[..., :positional], cos, sin),
-             apply_rotary(key_states[..., positional:], content_cos, content_sin)],
-            dim=-1,
-        )
-        query_cos = content_cos.repeat_interleave(self.num_key_value_groups, dim=1)
-        query_sin = content_sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        query_states = torch.cat(
-            [apply_rotary(query_states[..., :positional], cos, sin),
-             apply_rotary(query_states[..., positional:], query_cos, query_sin)],
-            dim=-1,
-        )
-        return query_states, key_states
+        shape = (content_cos.shape[0], self.num_key_value_heads, -1, -1)
+        cos, sin = cos.expand(shape), sin.expand(shape)
+        content_cos, content_sin = content_cos.to(cos.dtype), content_sin.to(sin.dtype)
+        key_cos = torch.cat([cos, content_cos, cos, content_cos], dim=-1)
+        key_sin = torch.cat([sin, content_sin, sin, content_sin], dim=-1)
+        if self.num_key_value_groups == 1:
+            query_cos, query_sin = key_cos, key_sin
+        else:
+            query_cos = key_cos.repeat_interleave(self.num_key_value_groups, dim=1)
+            query_sin = key_sin.repeat_interleave(self.num_key_value_groups, dim=1)
+        return apply_rotary(query_states, query_cos, query_sin), apply_rotary(key_states, key_cos, key_sin)
 
     def forward(
         self,

@@ -96,9 +96,9 @@ class ResoLLMKuramoto(nn.Module):
     mean field ``z_t = mean_{s<=t} exp(i theta_s)`` (padding excluded):
     ``theta'_t = theta_t + K_h r_t sin(psi_t - theta_t)`` with ``r_t sin(psi_t - theta_t) = Im(z_t e^{-i theta_t})``.
 
-    The running sums are returned so the caller can keep them in the cache: state is the cumulative
-    ``(sum cos, sum sin)`` per position (B, H_kv, T, 2) and the cumulative count (B, 1, T, 1), which
-    crop, reorder and batch-select exactly like keys and values.
+    The running sums are returned so the caller can keep them in the cache: the cumulative masked
+    phasor sum (B, H_kv, T, 1, complex64) and the cumulative token count (B, 1, T, 1) per position,
+    which crop, reorder and batch-select exactly like keys and values.
     """
 
     def __init__(self, hidden_size: int, num_key_value_heads: int, coupling_init: float):
@@ -121,35 +121,33 @@ class ResoLLMKuramoto(nn.Module):
         cumulative values at the last cached position, or None at the start of a sequence;
         segment_starts (B, T) bool marks the first token of each packed document: the mean field
         restarts there, so no phase information crosses a document boundary.
+        cos/sin/r are (B, H_kv, T).
         """
-        theta = self.phase_proj(hidden_states).float().transpose(1, 2)  # (B, H, T)
-        cos_theta, sin_theta = theta.cos(), theta.sin()
-        mask = token_mask.to(torch.float32)[:, None, :]  # (B, 1, T)
-        phasor_sum = torch.stack([cos_theta * mask, sin_theta * mask], dim=-1).cumsum(dim=2)
-        count = mask.unsqueeze(-1).cumsum(dim=2)  # (B, 1, T, 1)
+        theta = self.phase_proj(hidden_states).float().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        mask = token_mask.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
+        phasor = torch.polar(mask.expand_as(theta), theta)  # padding contributes 0
+        phasor_sum = phasor.cumsum(dim=2)
+        count = mask.cumsum(dim=2)
         if previous_sum is not None:
             phasor_sum = phasor_sum + previous_sum
             count = count + previous_count
         if segment_starts is not None:
-            phasor_sum, count = _restart_at_segments(phasor_sum, count, cos_theta, sin_theta, mask, segment_starts)
+            phasor_sum, count = _restart_at_segments(phasor_sum, count, phasor, mask, segment_starts)
         mean_field = phasor_sum / count.clamp(min=1.0)
-        z_re, z_im = mean_field[..., 0], mean_field[..., 1]
-        pull = z_im * cos_theta - z_re * sin_theta
-        coupled = theta + self.coupling.float()[None, :, None] * pull
-        order = torch.sqrt(z_re.square() + z_im.square())
-        return coupled.cos(), coupled.sin(), order, phasor_sum, count
+        # r sin(psi - theta) = Im(z e^{-i theta}); on padding the phasor is 0 and so is the pull.
+        pull = (mean_field * phasor.conj()).imag
+        coupled = (theta + self.coupling.float()[:, None, None] * pull).squeeze(-1)
+        return coupled.cos(), coupled.sin(), mean_field.abs().squeeze(-1), phasor_sum, count
 
 
-def _restart_at_segments(phasor_sum, count, cos_theta, sin_theta, mask, segment_starts):
+def _restart_at_segments(phasor_sum, count, phasor, mask, segment_starts):
     """Subtract, from each running sum, its value just before the latest segment start at or before t."""
     positions = torch.arange(segment_starts.shape[-1], device=segment_starts.device)
     latest_start = torch.where(segment_starts, positions, -1).cummax(dim=-1).values  # (B, T)
     has_start = (latest_start >= 0)[:, None, :, None]
     index = latest_start.clamp(min=0)[:, None, :, None]
-    sum_before = phasor_sum - torch.stack([cos_theta * mask, sin_theta * mask], dim=-1)
-    count_before = count - mask.unsqueeze(-1)
-    base_sum = sum_before.gather(2, index.expand(-1, sum_before.shape[1], -1, 2))
-    base_count = count_before.gather(2, index)
+    base_sum = (phasor_sum - phasor).gather(2, index.expand(-1, phasor_sum.shape[1], -1, -1))
+    base_count = (count - mask).gather(2, index)
     return phasor_sum - base_sum * has_start, count - base_count * has_start
 
 

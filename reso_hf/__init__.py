@@ -28,6 +28,10 @@ from .tokenization import GUANACO_CHAT_TEMPLATE, ResoTokenizer, create_default_t
 
 register_reso_llm()
 
+# Generation telemetry and the seed's runtime API (SPEC §3.8–§3.11).
+from .modeling.generation_reso_llm import ResoGenerateOutput, StabilityMonitor, StochasticResonanceLogitsProcessor
+from .runtime import GenerationResult, ResoAgentGroup, ResoLLMInference
+
 # DynamicLoRA PEFT tuner: importing the subpackage registers the "DYNAMIC_LORA" PEFT method (idempotent).
 from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraModel, register_dynamic_lora
 

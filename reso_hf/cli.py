@@ -10,6 +10,8 @@ import sys
 
 # Modules that contribute subcommands, in the order they appear in `--help`.
 COMMAND_MODULES = [
+    "reso_hf.training.commands",
+    "reso_hf.runtime.commands",
 ]
 
 

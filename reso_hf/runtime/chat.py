@@ -1,0 +1,126 @@
+"""Interactive chat session (the seed's `interactive_session`, and `reso-hf chat`).
+
+Reads lines from a text stream (stdin by default) and writes to another (stdout). Commands:
+
+- ``exit``: end the session (end of input does the same);
+- ``goal <description>``: create a goal on the model for the next response (agency, SPEC §3.6);
+- ``status``: print the model, its switches and extensions, the stability of the last generation,
+  the suggested temperature and the active goals;
+- ``metrics``: toggle the one-line metrics shown after each response.
+
+Any other non-empty line is a user message: the conversation so far is formatted with the tokenizer's
+chat template (when it has one) and the model's answer is printed as ``Assistant: <text>``. Errors of a
+command (bad goal, missing agency) are printed as ``error: <message>`` and the session goes on.
+"""
+
+import sys
+
+from .inference import generate_result
+
+COMMANDS_HELP = "commands: exit | goal <description> | status | metrics"
+
+
+class ChatSession:
+    def __init__(self, engine, show_metrics: bool = True, max_new_tokens: int = 128, input_stream=None,
+                 output_stream=None, use_chat_template: bool = True):
+        self.engine = engine
+        self.show_metrics = bool(show_metrics)
+        self.max_new_tokens = max_new_tokens
+        self.input = input_stream if input_stream is not None else sys.stdin
+        self.output = output_stream if output_stream is not None else sys.stdout
+        self.use_chat_template = use_chat_template and getattr(engine.tokenizer, "chat_template", None) is not None
+        self.history: list[dict] = []
+        self.last_result = None
+        self.pending_goal: str | None = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.output, flush=True)
+
+    def run(self) -> int:
+        self.say(f"ResoLLM chat. {COMMANDS_HELP}")
+        for raw in self.input:
+            if not self.handle(raw.strip()):
+                break
+        self.say("bye")
+        return 0
+
+    def handle(self, line: str) -> bool:
+        """Process one input line; False ends the session."""
+        if not line:
+            return True
+        command, _, argument = line.partition(" ")
+        if command == "exit":
+            return False
+        if command == "status":
+            self.say(self.status())
+        elif command == "metrics":
+            self.show_metrics = not self.show_metrics
+            self.say(f"metrics display: {'on' if self.show_metrics else 'off'}")
+        elif command == "goal":
+            self.set_goal(argument)
+        else:
+            self.respond(line)
+        return True
+
+    def set_goal(self, description: str) -> None:
+        try:
+            self.engine.create_goal(description)
+        except (ValueError, NotImplementedError) as error:
+            self.say(f"error: {error}")
+            return
+        self.pending_goal = description.strip()
+        self.say(f"goal set: {self.pending_goal}")
+
+    def _prompt(self, message: str) -> str:
+        if not self.use_chat_template:
+            return message
+        conversation = self.history + [{"role": "user", "content": message}]
+        return self.engine.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def respond(self, message: str) -> None:
+        prompt = self._prompt(message)
+        # Keep the most recent turns that fit in the context together with the answer.
+        limit = self.engine.model.config.max_position_embeddings - self.max_new_tokens
+        while self.history and len(self.engine.tokenizer(prompt)["input_ids"]) > limit:
+            self.history = self.history[2:]
+            prompt = self._prompt(message)
+        engine = self.engine
+        result = generate_result(engine.model, engine.tokenizer, prompt, self.max_new_tokens,
+                                 **engine._sampling({}))
+        self.last_result = result
+        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]
+        self.pending_goal = None
+        self.say(f"Assistant: {result.text.strip()}")
+        if self.show_metrics:
+            self.say(result.metrics_line())
+            for warning in result.warnings:
+                self.say(f"  warning: {warning['message']}")
+
+    def status(self) -> str:
+        model = self.engine.model
+        config = model.config
+        parameters = sum(p.numel() for p in model.parameters())
+        extensions = " ".join(
+            f"{name}={'on' if getattr(config, name).enabled else 'off'}"
+            for name in ("stability", "stochastic_resonance", "agency", "prsc", "temporal_smf", "entanglement")
+        )
+        temperature = self.engine.temperature
+        lines = [
+            f"model: {type(model).__name__} ({parameters:,} parameters, {config.num_hidden_layers} layers, "
+            f"hidden {config.hidden_size}, vocab {config.vocab_size})",
+            f"components: prime_embedding={config.prime_embedding} rope_spectrum={config.rope_spectrum} "
+            f"kuramoto={config.kuramoto} coherence_gating={config.coherence_gating}",
+            f"extensions: {extensions}",
+            f"stability: {model.get_stability():.2f} ({model.get_stability_class()}, "
+            f"lambda={model._last_lyapunov():.4f}); suggested temperature: "
+            f"{model.get_suggested_temperature(temperature):.2f} (current {temperature:.2f})",
+        ]
+        get_active_goals = getattr(model, "get_active_goals", None)
+        if get_active_goals is None:
+            lines.append("goals: unavailable (agency is not in this version)")
+        else:
+            goals = get_active_goals()
+            described = ", ".join(f"{g.description} ({g.progress:.0%})" for g in goals) if goals else "none"
+            lines.append(f"goals: {described}")
+        lines.append(f"metrics display: {'on' if self.show_metrics else 'off'}; turns: {len(self.history) // 2}")
+        return "\n".join(lines)

@@ -1,0 +1,19 @@
+"""Training and evaluation on guanaco-format data: data pipeline, pretraining, DynamicLoRA SFT, evaluation."""
+
+from .data import (
+    DataSourceError,
+    MalformedRowError,
+    build_datasets,
+    pack_documents,
+    parse_guanaco,
+    tokenize_messages,
+)
+
+__all__ = [
+    "DataSourceError",
+    "MalformedRowError",
+    "build_datasets",
+    "pack_documents",
+    "parse_guanaco",
+    "tokenize_messages",
+]

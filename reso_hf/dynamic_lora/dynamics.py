@@ -19,9 +19,8 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -798,8 +797,3 @@ class AdapterDynamics:
         self.last_nonfinite_step = int(payload["last_nonfinite_step"])
         self.last_metrics = payload["last_metrics"]
 
-
-def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 - the default set is the memory
-    if message not in _seen:
-        _seen.add(message)
-        warnings.warn(message, stacklevel=3)

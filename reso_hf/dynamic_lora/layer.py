@@ -45,7 +45,6 @@ class DynamicLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._fused_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-        self.kwargs = kwargs
 
         if isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features

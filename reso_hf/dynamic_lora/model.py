@@ -230,7 +230,8 @@ class DynamicLoraModel(BaseTuner):
     def save_dynamics_state(self, save_directory: str, adapter_name: Optional[str] = None) -> None:
         """Write the dynamics state (safetensors + JSON) and the audit log (JSON lines), each atomically."""
         adapter_name = adapter_name or self.active_adapters[0]
-        selection = self.__dict__.get("_save_selection", {}).get(adapter_name)
+        # set for the duration of one save (tuner.save_pretrained, or PEFT's save through _get_adapter_state_dict)
+        selection = self.__dict__.get("_save_selection", {}).pop(adapter_name, None)
         config = self.peft_config[adapter_name]
         if selection is not None and list(selection) != list(config.tiers):
             # A subset (privacy / tiers=) is meant for sharing: per-element dynamics of unsaved tiers would

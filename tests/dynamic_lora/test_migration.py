@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from dynamic_lora_helpers import small_config, tiny_llama
 from reso_hf.dynamic_lora import MigrationQueue, subspace_autocorrelation, top_subspace
-from reso_hf.dynamic_lora.migration import low_rank_svd, migrate_pattern
+from reso_hf.dynamic_lora.migration import low_rank_svd
 
 QUIET = dict(density_coupling=0.0, vertical_resonance=False, tier_inertia={"agent": 0.0, "context": 0.0})
 

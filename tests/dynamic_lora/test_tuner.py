@@ -212,3 +212,11 @@ def test_loading_with_a_different_tier_layout_fails_and_changes_nothing(tmp_path
     assert state_before[1] == state_after[1]
     for key, tensor in state_before[0].items():
         assert torch.equal(tensor, state_after[0][key])
+
+
+def test_ddp_ignore_list_holds_exactly_the_non_shared_tiers():
+    model = get_peft_model(tiny_llama(), small_config())
+    names = model.base_model.ddp_params_to_ignore(prefix="module.")
+    assert names and all(n.startswith("module.") for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"swarm", "agent", "context"}
+    assert len(names) == 3 * 2 * 4  # tiers x factors x (2 layers x q_proj, v_proj)

@@ -1,0 +1,150 @@
+"""`reso-hf eval --model DIR [--data FILE ...]`: held-out loss and perplexity through the local `evaluate`
+module in `reso_hf/metrics/perplexity`, plus greedy generation samples (with ResoLLM's stability telemetry
+when the model returns it). Writes `eval_results.json` (atomically).
+
+`eval_results.json` (schema "reso-hf/eval_results/v1"), read by the model-card renderer:
+
+    schema      "reso-hf/eval_results/v1"
+    created_at  ISO-8601 UTC time
+    model       the evaluated folder or Hub id
+    dataset     {"source", "split", "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss"}
+    metrics     [{"type": "loss" | "perplexity", "name": ..., "value": ...}]   (model-index style)
+    loss, perplexity, tokens              (the same numbers, flat)
+    stability   output of the local `stability` metric over the samples (ResoLLM only, else null)
+    samples     [{"prompt", "reference", "completion", "stability", "lyapunov"}]
+"""
+
+from __future__ import annotations
+
+import os
+
+import evaluate as hf_evaluate
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+
+from ..metrics import metric_path
+from .arguments import DataArguments, EvalArguments, parse_recipe
+from .data import IGNORE_INDEX, build_datasets, load_raw_splits, parse_guanaco, resolve_chat_template
+from .reporting import utc_now, write_json
+
+EVAL_RESULTS_NAME = "eval_results.json"
+EVAL_RESULTS_SCHEMA = "reso-hf/eval_results/v1"
+
+
+@torch.no_grad()
+def held_out_loss(model, dataset, batch_size: int) -> dict:
+    """Token-weighted loss and perplexity over packed blocks (or padded documents)."""
+    metric = hf_evaluate.load(metric_path("perplexity"))
+    model.eval()
+    for batch in DataLoader(dataset.with_format("torch"), batch_size=batch_size, collate_fn=default_data_collator):
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        output = model(**batch, use_cache=False)
+        targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if targets:
+            metric.add_batch(nll_sum=[output.loss.item() * targets], token_count=[targets])
+    return metric.compute()
+
+
+@torch.no_grad()
+def generation_samples(model, tokenizer, conversations: list[list[dict]], template: str, max_new_tokens: int) -> list:
+    """Greedy answers to the first human turn of each conversation."""
+    samples = []
+    model.eval()
+    for messages in conversations:
+        prompt = messages[:1]
+        inputs = tokenizer.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                return_dict_in_generate=True, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
+        stability = getattr(output, "stability", None)
+        lyapunov = getattr(output, "lyapunov", None)
+        samples.append({"prompt": prompt[0]["content"], "reference": messages[1]["content"],
+                        "completion": tokenizer.decode(new_tokens, skip_special_tokens=True),
+                        "stability": stability[0] if stability else None,
+                        "lyapunov": lyapunov[0] if lyapunov else None})
+    return samples
+
+
+def stability_statistics(samples: list[dict]) -> dict | None:
+    if not samples or any(sample["stability"] is None for sample in samples):
+        return None
+    metric = hf_evaluate.load(metric_path("stability"))
+    return metric.compute(stability=[s["stability"] for s in samples], lyapunov=[s["lyapunov"] for s in samples])
+
+
+def evaluation_split(data_args: DataArguments, data: list[str] | None):
+    """With --data: every row of those files. Without: the eval split of the data arguments."""
+    if data:
+        data_args.data_files, data_args.use_bundled_sample, data_args.eval_fraction = list(data), False, 0.0
+        return "train"  # the files as a whole
+    return "eval"
+
+
+def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | None = None) -> dict:
+    if not eval_args.model:
+        raise ValueError("--model is required (a model folder or Hub id)")
+    split = evaluation_split(data_args, data)
+    tokenizer = AutoTokenizer.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
+    train, evaluation, stats = build_datasets(data_args, tokenizer)
+    dataset = train if split == "train" else evaluation
+    if dataset is None:
+        raise ValueError("no evaluation split: pass --data FILE, --eval_data_files, or eval_fraction > 0")
+    scores = held_out_loss(model, dataset, eval_args.batch_size)
+    raw_train, raw_eval = load_raw_splits(data_args)
+    raw = raw_train if split == "train" else raw_eval
+    conversations = []
+    for row in raw:
+        if len(conversations) == eval_args.num_samples:
+            break
+        if _well_formed(row[data_args.text_field]):
+            conversations.append(parse_guanaco(row[data_args.text_field]))
+    template = resolve_chat_template(tokenizer, data_args.chat_template)
+    samples = generation_samples(model, tokenizer, conversations, template, eval_args.max_new_tokens)
+    summary = stats.to_dict()
+    results = {
+        "schema": EVAL_RESULTS_SCHEMA,
+        "created_at": utc_now(),
+        "model": eval_args.model,
+        "dataset": {"source": data_args.source(), "split": split, "rows": summary["rows"].get(split),
+                    "malformed_rows": summary["malformed_rows"].get(split), "block_size": data_args.block_size,
+                    "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss},
+        "metrics": [{"type": "loss", "name": "held-out loss (nats/token)", "value": scores["loss"]},
+                    {"type": "perplexity", "name": "held-out perplexity", "value": scores["perplexity"]}],
+        **scores,
+        "stability": stability_statistics(samples),
+        "samples": samples,
+    }
+    output_file = eval_args.output_file or os.path.join(eval_args.model, EVAL_RESULTS_NAME)
+    write_json(output_file, results)
+    return results
+
+
+def _well_formed(text) -> bool:
+    from .data import MalformedRowError
+
+    try:
+        parse_guanaco(text)
+    except MalformedRowError:  # malformed rows are counted by build_datasets; they give no sample
+        return False
+    return True
+
+
+def main(recipe: str | None, argv: list[str]) -> int:
+    argv = list(argv)
+    data = None
+    if "--data" in argv:  # `--data FILE [FILE ...]`: shorthand for evaluating on whole local files
+        index = argv.index("--data")
+        end = next((i for i in range(index + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+        data, argv = argv[index + 1: end], argv[:index] + argv[end:]
+        if not data:
+            raise ValueError("--data needs at least one file (jsonl, parquet or arrow)")
+    eval_args, data_args = parse_recipe((EvalArguments, DataArguments), recipe, argv)
+    results = run(eval_args, data_args, data)
+    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens)")
+    for sample in results["samples"]:
+        print(f"### Human: {sample['prompt']}\n### Assistant: {sample['completion']}\n")
+    return 0

@@ -1,0 +1,159 @@
+"""DynamicLoRA supervised fine-tuning of any causal LM through `Trainer` + `DynamicLoraCallback` (SPEC §5-§6).
+
+    reso-hf sft recipes/dynamic_lora/sft_guanaco.yaml --base_model HuggingFaceTB/SmolLM2-135M-Instruct
+    reso-hf sft recipes/dynamic_lora/sft_guanaco.yaml --base_model path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+
+The base model is a Hub id, a local folder, or a .gguf file (dequantised by transformers). Conversations
+are formatted with the model's own chat template (or the guanaco one, `chat_template`), loss on the
+assistant tokens only by default. Writes to `output_dir`: `checkpoint-N/` (atomic, with the dynamics
+state), `adapter/` (the PEFT adapter folder with its dynamics state and audit log), `loss_curves.png`,
+`dynamic_lora_dynamics.png`, `run_summary.json` (with the adapter's health report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
+
+from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
+from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
+from .data import build_datasets
+from .pretrain import resume_checkpoint
+from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_bytes_atomic, write_json, write_loss_plot
+from .trainer import AtomicCheckpointTrainer, clean_staging
+
+ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
+DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"
+DEFAULT_DYNAMIC_LORA = {"target_modules": "all-linear"}
+
+
+def model_location(sft_args: SftArguments) -> tuple[str, dict]:
+    """(folder or Hub id, extra from_pretrained kwargs) for a Hub id, a folder or a .gguf file."""
+    if not sft_args.base_model:
+        raise ValueError("--base_model is required: a Hub id, a local folder, or a .gguf file")
+    kwargs = {"trust_remote_code": sft_args.trust_remote_code}
+    if sft_args.base_model.endswith(".gguf"):
+        if not os.path.isfile(sft_args.base_model):
+            raise FileNotFoundError(f"base_model: GGUF file {sft_args.base_model!r} does not exist")
+        directory, name = os.path.split(os.path.abspath(sft_args.base_model))
+        return directory, {**kwargs, "gguf_file": name}
+    if sft_args.gguf_file:
+        kwargs["gguf_file"] = sft_args.gguf_file
+    return sft_args.base_model, kwargs
+
+
+def load_base(sft_args: SftArguments):
+    location, kwargs = model_location(sft_args)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def dynamic_lora_config(sft_args: SftArguments) -> DynamicLoraConfig:
+    settings = {**DEFAULT_DYNAMIC_LORA, **json_mapping(sft_args.dynamic_lora, "dynamic_lora")}
+    return DynamicLoraConfig(task_type="CAUSAL_LM", **settings)
+
+
+def dynamics_digest(model) -> str:
+    """blake2b of the full dynamics state (tensors + JSON): equal on every rank when the state agrees."""
+    tensors, payload = find_dynamic_lora_tuner(model).dynamics().state_dict()
+    digest = hashlib.blake2b(json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16)
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digests_across_ranks(model) -> list[str]:
+    mine = dynamics_digest(model)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def write_dynamics_plot(log_history: list[dict], path: str) -> None:
+    """The logged `dynamic_lora/*` series that change during the run, against the step."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("dynamic_lora/") and "step" in entry:
+                series.setdefault(key, []).append((entry["step"], value))
+    varying = sorted(k for k, points in series.items() if len({v for _, v in points}) > 1)[:12]
+    figure, axes = plt.subplots(max(1, (len(varying) + 2) // 3), 3, figsize=(12, 2.6 * max(1, (len(varying) + 2) // 3)),
+                                squeeze=False)
+    for axis, key in zip(axes.flat, varying):
+        steps, values = zip(*series[key])
+        axis.plot(steps, values)
+        axis.set_title(key.removeprefix("dynamic_lora/"), fontsize=8)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(varying):]:
+        axis.axis("off")
+    figure.suptitle("DynamicLoRA dynamics during SFT")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
+    if training_args.process_index == 0:
+        clean_staging(training_args.output_dir)
+    set_seed(training_args.seed)
+    base, tokenizer = load_base(sft_args)
+    train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
+    base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
+    model = get_peft_model(base, dynamic_lora_config(sft_args))
+    tuner = find_dynamic_lora_tuner(model)
+    if checkpoint is not None:
+        tuner.load_dynamics_state(checkpoint)
+    trainer = AtomicCheckpointTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=default_data_collator,
+    )
+    DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    base.config.use_cache = True
+    adapter_dir = os.path.join(training_args.output_dir, "adapter")
+    trainer.save_final_model(adapter_dir)
+    digests = digests_across_ranks(model)
+    health = tuner.health()
+    summary = run_summary(
+        "sft", trainer, train_result, eval_metrics, data_args, stats,
+        {"model_type": base.config.model_type, "base_model": sft_args.base_model,
+         "parameters": sum(p.numel() for p in model.parameters()),
+         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+        adapter_dir, checkpoint,
+        extra={"dynamic_lora": {"health": health, "dynamics_digest_per_rank": digests,
+                                "ranks_agree": len(set(digests)) == 1}},
+    )
+    if trainer.is_world_process_zero():
+        write_loss_plot(trainer.state.log_history, os.path.join(training_args.output_dir, LOSS_PLOT_NAME),
+                        f"DynamicLoRA SFT of {sft_args.base_model}")
+        write_dynamics_plot(trainer.state.log_history, os.path.join(training_args.output_dir, DYNAMICS_PLOT_NAME))
+        write_json(os.path.join(training_args.output_dir, RUN_SUMMARY_NAME), summary)
+        write_json(os.path.join(adapter_dir, RUN_SUMMARY_NAME), summary)
+    return summary
+
+
+def main(recipe: str | None, argv: list[str]) -> int:
+    run(*parse_recipe(ARGUMENT_TYPES, recipe, argv))
+    return 0

@@ -304,3 +304,25 @@ def test_checkpoint_carries_the_generation_file(tmp_path):
     type(model).register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "generation_reso_llm.py")
+
+
+@pytest.mark.parametrize("steps, carried, window", [(3, None, 6), (7, None, 6), (40, None, 8), (12, 9, 6),
+                                                     (17, 3, 16), (40, 16, 16), (1, 4, 8)])
+def test_telemetry_only_replay_equals_the_live_monitor(steps, carried, window):
+    """Telemetry-only generation computes λ and predictions once at the end; they equal the live ones."""
+    g = torch.Generator().manual_seed(steps * 100 + window)
+    initial = None if carried is None else torch.rand(2, carried, generator=g) * 3
+    live = StabilityMonitor(window_size=window, stop_on_divergence=True, auto_temperature=False,
+                            initial_window=initial)
+    recorded = StabilityMonitor(window_size=window, auto_temperature=False, initial_window=initial)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    for _ in range(steps):
+        scores = torch.randn(2, 20, generator=g) * torch.rand(2, 1, generator=g) * 4
+        live(ids, scores)
+        recorded(ids, scores)
+    assert not recorded.lyapunov_trace  # nothing computed during decoding
+    recorded.finalize()
+    for name in ("lyapunov_trace", "predicted_trace", "steps_to_crossing"):
+        assert torch.allclose(torch.stack(getattr(live, name)).float(), torch.stack(getattr(recorded, name)).float(),
+                              atol=1e-4), name
+    assert torch.allclose(live.window, recorded.window)

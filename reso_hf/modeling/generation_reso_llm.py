@@ -141,12 +141,12 @@ def next_temperature(temperature: float, stability_class: str, base_temperature:
     return min(max_temperature, max(min_temperature, new))
 
 
-def repetition_score(input_ids: torch.LongTensor, window: int) -> torch.Tensor:
+def repetition_score(input_ids: torch.LongTensor, window: int, vocab_size: int | None = None) -> torch.Tensor:
     """1 − distinct bigrams / total bigrams over the last `window` tokens of each row (0 with < 2 tokens)."""
     tail = input_ids[:, -window:]
     if tail.shape[1] < 2:
         return torch.zeros(input_ids.shape[0], device=input_ids.device)
-    base = int(tail.max().item()) + 1
+    base = vocab_size if vocab_size is not None else int(tail.max().item()) + 1
     bigrams = tail[:, :-1] * base + tail[:, 1:]
     ordered = bigrams.sort(dim=-1).values
     distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(dim=-1) + 1
@@ -184,7 +184,7 @@ class StochasticResonanceLogitsProcessor(LogitsProcessor):
         return cls(sr.noise_amplitude, sr.repetition_window, sr.escape_threshold, seed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        active = repetition_score(input_ids, self.repetition_window) > self.escape_threshold
+        active = repetition_score(input_ids, self.repetition_window, scores.shape[-1]) > self.escape_threshold
         self.active_trace.append(active)
         if not bool(active.any()):
             return scores
@@ -253,6 +253,8 @@ class StabilityMonitor(LogitsProcessor):
         self.predicted_trace: list[torch.Tensor] = []  # per step, (B,) predicted class code (or -1: none)
         self.steps_to_crossing: list[torch.Tensor] = []
         self.stopping_criterion = _StabilityStoppingCriterion(self) if stop_on_divergence else None
+        self._weights: dict = {}
+        self._lists: dict | None = None
 
     @classmethod
     def from_config(cls, config, base_temperature: float = 1.0, do_sample: bool = False, active: bool = True,
@@ -279,52 +281,139 @@ class StabilityMonitor(LogitsProcessor):
                 )
         return torch.cat([window, values[:, None]], dim=1)[:, -size:]
 
+    @property
+    def live(self) -> bool:
+        """Whether λ, prediction and temperature must be computed during decoding (they act on it)."""
+        return self.auto_temperature or self.stopping_criterion is not None
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         entropy = entropy_of_scores(scores)
+        self.entropy_trace.append(entropy)
+        if not self.live:
+            # Telemetry only: nothing acts on λ during decoding, so it is computed once at the end
+            # (`finalize`) by the same `_step` on the recorded entropies.
+            return scores
+        used_temperature = self._step(entropy)
+        if self.apply_temperature:
+            scale = (self.warper_temperature / used_temperature).to(scores.dtype)
+            return scores * scale[:, None]
+        return scores
+
+    def _slope_weights(self, n: int, device) -> torch.Tensor:
+        """w with slope = Σ w_i y_i for the least-squares line through (i, y_i), i = 0..n-1."""
+        key = (n, str(device))
+        weights = self._weights.get(key)
+        if weights is None:
+            x = torch.arange(n, dtype=torch.float32, device=device)
+            x = x - x.mean()
+            weights = self._weights[key] = x / x.square().sum()
+        return weights
+
+    def _step(self, entropy: torch.Tensor) -> torch.Tensor:
+        """One monitor step on the entropies (B,) of one decoding step; returns the temperature used."""
         self.window = self._push(self.window, entropy, self.window_size)
-        lyapunov = lyapunov_estimate(self.window)
-        valid = self.window.shape[1] - 1 >= MIN_LYAPUNOV_POINTS
-        batch = entropy.shape[0]
-        if valid:
+        count = self.window.shape[1] - 1
+        if count >= MIN_LYAPUNOV_POINTS:
+            points = torch.log((self.window[:, 1:] - self.window[:, :-1]).abs() + LYAPUNOV_EPSILON)
+            lyapunov = points @ self._slope_weights(count, entropy.device)
             self.lyapunov_window = self._push(self.lyapunov_window, lyapunov, self.window_size)
-        predicted = torch.full((batch,), -1, dtype=torch.long, device=entropy.device)
-        steps = torch.zeros(batch, dtype=torch.long, device=entropy.device)
+        else:
+            lyapunov = torch.zeros_like(entropy)
+        batch = entropy.shape[0]
         if self.lyapunov_window is not None and self.lyapunov_window.shape[1] >= 2:
-            slope = least_squares_slope(self.lyapunov_window)
+            slope = self.lyapunov_window @ self._slope_weights(self.lyapunov_window.shape[1], entropy.device)
             extrapolated = lyapunov + slope * self.horizon
             to_divergent = (lyapunov <= self.threshold) & (extrapolated > self.threshold)
             to_collapsed = (lyapunov >= -self.threshold) & (extrapolated < -self.threshold)
-            predicted = torch.where(to_divergent, torch.full_like(predicted, 3), predicted)
-            predicted = torch.where(to_collapsed, torch.zeros_like(predicted), predicted)
-            safe = slope.abs().clamp(min=1e-12)
+            predicted = torch.where(to_divergent, 3, torch.where(to_collapsed, 0, -1))
             distance = torch.where(to_divergent, self.threshold - lyapunov, -self.threshold - lyapunov).abs()
-            steps = torch.where(predicted >= 0, torch.ceil(distance / safe).clamp(min=1).long(), steps)
-        codes = _class_codes(lyapunov, self.threshold)
+            steps = torch.ceil(distance / slope.abs().clamp(min=1e-12)).clamp(min=1).long()
+            steps = torch.where(predicted >= 0, steps, torch.zeros_like(steps))
+        else:
+            predicted = torch.full((batch,), -1, dtype=torch.long, device=entropy.device)
+            steps = torch.zeros(batch, dtype=torch.long, device=entropy.device)
 
         if self.temperature is None:
             self.temperature = torch.full((batch,), self.base_temperature, device=entropy.device)
             self.divergent_streak = torch.zeros(batch, dtype=torch.long, device=entropy.device)
         used_temperature = self.temperature
-        if self.auto_temperature:
-            factor = torch.tensor([TEMPERATURE_RULE["collapsed"], 1.0, TEMPERATURE_RULE["critical"],
-                                   TEMPERATURE_RULE["divergent"]], device=entropy.device)[codes]
-            updated = self.temperature * factor
-            relaxed = self.temperature + STABLE_RELAXATION * (self.base_temperature - self.temperature)
-            updated = torch.where(codes == 1, relaxed, updated)
-            updated = torch.where(predicted == 3, updated * PREDICTED_DIVERGENCE_FACTOR, updated)
-            used_temperature = updated.clamp(self.min_temperature, self.max_temperature)
-            self.temperature = used_temperature
-        self.divergent_streak = torch.where(codes == 3, self.divergent_streak + 1, torch.zeros_like(codes))
+        if self.live:
+            codes = _class_codes(lyapunov, self.threshold)
+            if self.auto_temperature:
+                factors = torch.tensor([TEMPERATURE_RULE["collapsed"], 1.0, TEMPERATURE_RULE["critical"],
+                                        TEMPERATURE_RULE["divergent"]], device=entropy.device)
+                updated = self.temperature * factors[codes]
+                relaxed = self.temperature + STABLE_RELAXATION * (self.base_temperature - self.temperature)
+                updated = torch.where(codes == 1, relaxed, updated)
+                updated = torch.where(predicted == 3, updated * PREDICTED_DIVERGENCE_FACTOR, updated)
+                used_temperature = updated.clamp(self.min_temperature, self.max_temperature)
+                self.temperature = used_temperature
+            self.divergent_streak = torch.where(codes == 3, self.divergent_streak + 1, torch.zeros_like(codes))
 
-        self.entropy_trace.append(entropy)
         self.lyapunov_trace.append(lyapunov)
         self.temperature_trace.append(used_temperature)
         self.predicted_trace.append(predicted)
         self.steps_to_crossing.append(steps)
-        if self.apply_temperature:
-            scale = (self.warper_temperature / used_temperature).to(scores.dtype)
-            return scores * scale[:, None]
-        return scores
+        return used_temperature
+
+    def finalize(self) -> None:
+        """Compute λ, predictions and temperatures of the recorded steps (telemetry-only mode)."""
+        if self.live or len(self.lyapunov_trace) == len(self.entropy_trace) or not self.entropy_trace:
+            return
+        # Vectorised over steps; gives what `_step` gives step by step (tested).
+        recorded = torch.stack(self.entropy_trace, dim=1)  # (B, T)
+        batch, steps = recorded.shape
+        device = recorded.device
+        if self.window is not None and self.window.shape[0] != batch:
+            self.window = self._push(self.window, recorded[:, 0], self.window_size)[:, :-1]
+        carried = self.window.shape[1] if self.window is not None else 0
+        full = recorded if self.window is None else torch.cat([self.window, recorded], dim=1)
+        points = torch.log((full[:, 1:] - full[:, :-1]).abs() + LYAPUNOV_EPSILON)  # point j: full[j] -> full[j+1]
+        size = self.window_size - 1
+        lyapunov = torch.zeros(batch, steps, device=device)
+        for t in range(steps):  # partial windows (at most window_size - 1 of them)
+            end = carried + t  # index of this step in `full`
+            count = min(end, size)
+            if count >= size:
+                break
+            if count >= MIN_LYAPUNOV_POINTS:
+                lyapunov[:, t] = points[:, end - count:end] @ self._slope_weights(count, device)
+        first_full = max(0, size - carried)
+        if first_full < steps:
+            windows = points[:, carried + first_full - size:].unfold(1, size, 1)  # (B, steps - first_full, size)
+            lyapunov[:, first_full:] = windows @ self._slope_weights(size, device)
+        valid = [t for t in range(steps) if min(carried + t, size) >= MIN_LYAPUNOV_POINTS]
+        slope = torch.zeros(batch, steps, device=device)
+        has_slope = torch.zeros(steps, dtype=torch.bool, device=device)
+        if valid:
+            first = valid[0]
+            values = lyapunov[:, first:]
+            for offset in range(values.shape[1]):
+                length = min(offset + 1, self.window_size)
+                if length == self.window_size:
+                    windows = values.unfold(1, self.window_size, 1)  # windows ending at offset >= W - 1
+                    slope[:, first + offset:] = windows[:, offset - self.window_size + 1:] @ self._slope_weights(
+                        self.window_size, device)
+                    has_slope[first + offset:] = True
+                    break
+                if length >= 2:
+                    slope[:, first + offset] = values[:, offset + 1 - length:offset + 1] @ self._slope_weights(
+                        length, device)
+                    has_slope[first + offset] = True
+        extrapolated = lyapunov + slope * self.horizon
+        to_divergent = has_slope & (lyapunov <= self.threshold) & (extrapolated > self.threshold)
+        to_collapsed = has_slope & (lyapunov >= -self.threshold) & (extrapolated < -self.threshold)
+        predicted = torch.where(to_divergent, 3, torch.where(to_collapsed, 0, -1))
+        distance = torch.where(to_divergent, self.threshold - lyapunov, -self.threshold - lyapunov).abs()
+        ahead = torch.ceil(distance / slope.abs().clamp(min=1e-12)).clamp(min=1).long()
+        ahead = torch.where(predicted >= 0, ahead, torch.zeros_like(ahead))
+        self.lyapunov_trace = list(lyapunov.T)
+        self.predicted_trace = list(predicted.T)
+        self.steps_to_crossing = list(ahead.T)
+        self.temperature_trace = [torch.full((batch,), self.base_temperature, device=device)] * steps
+        self.window = full[:, -self.window_size:]
+        if valid:
+            self.lyapunov_window = lyapunov[:, valid[0]:][:, -self.window_size:]
 
     # -- summaries ------------------------------------------------------------------------------
 
@@ -335,10 +424,19 @@ class StabilityMonitor(LogitsProcessor):
 
     def row_telemetry(self, row: int, length: int) -> dict:
         """Telemetry of one row over its first `length` steps (traces, class, λ, warnings)."""
+        self.finalize()
         length = min(length, len(self.entropy_trace))
-        take = lambda trace: [float(step[row]) for step in trace[:length]]  # noqa: E731
-        entropy, lyapunov, temperature = take(self.entropy_trace), take(self.lyapunov_trace), take(
-            self.temperature_trace)
+        if self._lists is None or len(self._lists["entropy"]) != len(self.entropy_trace):
+            stack = lambda trace: torch.stack(trace).T.tolist() if trace else []  # noqa: E731
+            self._lists = {"entropy": self.entropy_trace, "rows": {
+                name: stack(trace) for name, trace in (
+                    ("entropy", self.entropy_trace), ("lyapunov", self.lyapunov_trace),
+                    ("temperature", self.temperature_trace), ("predicted", self.predicted_trace),
+                    ("steps", self.steps_to_crossing))}}
+        rows = self._lists["rows"]
+        take = lambda name: rows[name][row][:length] if rows[name] else []  # noqa: E731
+        entropy, lyapunov, temperature = take("entropy"), take("lyapunov"), take("temperature")
+        predicted_row, steps_row = take("predicted"), take("steps")
         final = lyapunov[-1] if lyapunov else 0.0
         warnings = []
         previous = "critical"
@@ -349,10 +447,10 @@ class StabilityMonitor(LogitsProcessor):
                 warnings.append({"step": step, "type": f"entered_{current}", "lyapunov": lyapunov[step],
                                  "message": f"step {step}: entered {current} (lambda={lyapunov[step]:.4f}, "
                                             f"threshold={self.threshold})"})
-            predicted = int(self.predicted_trace[step][row])
+            predicted = int(predicted_row[step])
             if predicted >= 0:
                 name = STABILITY_CLASSES[predicted]
-                steps = int(self.steps_to_crossing[step][row])
+                steps = int(steps_row[step])
                 warnings.append({"step": step, "type": f"predicted_{name}", "lyapunov": lyapunov[step],
                                  "steps_ahead": steps,
                                  "message": f"step {step}: {name} predicted within {steps} step(s) "
@@ -428,7 +526,7 @@ class _CoherenceRecorder:
 
     def __init__(self, model):
         self.steps: list[torch.Tensor] = []
-        self._current: list[torch.Tensor] = []
+        self._current = None
         self._handles = []
         layers = model.model.layers
         for index, layer in enumerate(layers):
@@ -444,10 +542,9 @@ class _CoherenceRecorder:
         def hook(module, args, output):
             value = output[output_index].detach()
             value = value[:, :, -1].float().mean(dim=1) if per_head else value[:, -1].float()
-            self._current.append(value)
+            self._current = value if index == 0 else self._current + value
             if index == num_layers - 1:
-                self.steps.append(torch.stack(self._current).mean(dim=0))
-                self._current = []
+                self.steps.append(self._current / num_layers)
         return hook
 
 
@@ -596,6 +693,7 @@ class ResoLLMGenerationMixin(GenerationMixin):
                 recorder.remove()
         elapsed_ms = (time.perf_counter() - start) * 1000.0
 
+        monitor.finalize()
         if monitor.window is not None:
             state["window"] = monitor.window.detach()
             state["lyapunov"] = lyapunov_estimate(monitor.window).detach()
@@ -608,6 +706,7 @@ class ResoLLMGenerationMixin(GenerationMixin):
         lengths = _tokens_generated(sequences[:, prompt_length:], _eos_list(effective.eos_token_id))
         goals, summaries = self.goal_telemetry(sequences, prompt_length)
         telemetry = {name: [] for name in TELEMETRY_FIELDS}
+        coherence_rows = torch.stack(recorder.steps).T.tolist() if recorder.active and recorder.steps else None
         for row, length in enumerate(lengths):
             summary = monitor.row_telemetry(row, length)
             if resonance is not None:
@@ -619,8 +718,7 @@ class ResoLLMGenerationMixin(GenerationMixin):
                                    f"{self.config.stochastic_resonance.escape_threshold})"})
             for name in ("stability", "lyapunov", "entropy_trace", "lyapunov_trace", "temperature_trace", "warnings"):
                 telemetry[name].append(summary[name])
-            coherence = recorder.steps[:length] if recorder.active else []
-            telemetry["coherence_trace"].append([float(step[row]) for step in coherence])
+            telemetry["coherence_trace"].append(coherence_rows[row][:length] if coherence_rows else [])
             telemetry["goals_achieved"].append(goals[row])
             telemetry["attention_summary"].append(summaries[row])
             telemetry["generation_time_ms"].append(elapsed_ms)

@@ -65,10 +65,3 @@ def test_invalid_values_raise_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResoLLMConfig(**kwargs)
 
-
-@pytest.mark.parametrize("name", reso_hf.modeling.modeling_reso_llm.EXTENSIONS_NOT_YET_AVAILABLE)
-def test_enabling_an_extension_that_is_not_available_is_an_error(name):
-    config = ResoLLMConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
-                           intermediate_size=64, **{name: {"enabled": True}})
-    with pytest.raises(ValueError, match=f"{name}.enabled=True is not supported"):
-        reso_hf.ResoLLMForCausalLM(config)

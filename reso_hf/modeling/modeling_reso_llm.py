@@ -33,12 +33,24 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_reso_llm import ResoLLMConfig
 from .generation_reso_llm import ResoLLMGenerationMixin
+from .primes import first_primes
 from .resonance import (
+    ResoLLMConceptBank,
     ResoLLMCoherenceGate,
     ResoLLMKuramoto,
     ResoLLMPrimeCode,
     prime_code_table,
+    prime_phasor,
     rotary_inverse_frequencies,
+)
+from .state_reso_llm import (
+    SMF_AXES,
+    STATE_JSON_FILE,
+    AttentionFocus,
+    ConceptBinding,
+    Goal,
+    MemoryEntry,
+    ResoState,
 )
 
 
@@ -134,6 +146,17 @@ class ResoLLMAttention(nn.Module):
             if config.kuramoto
             else None
         )
+        # Goals and recalled memories enter every layer as always-visible key/value prefix slots.
+        if uses_prefix_slots(config):
+            self.prefix_key_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+            self.prefix_value_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+
+    def _prefix_key_values(self, prefix_states: torch.Tensor):
+        batch, slots, _ = prefix_states.shape
+        shape = (batch, slots, self.num_key_value_heads, self.head_dim)
+        keys = self.prefix_key_proj(prefix_states).view(shape).transpose(1, 2)
+        values = self.prefix_value_proj(prefix_states).view(shape).transpose(1, 2)
+        return keys, values
 
     def _content_phases(self, hidden_states, token_mask, segment_starts, past_key_values):
         """cos/sin of the coupled Kuramoto phase per key/value head, (B, H_kv, T, 1) each."""
@@ -179,6 +202,7 @@ class ResoLLMAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
         segment_starts: torch.Tensor | None = None,
+        prefix_states: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -195,6 +219,10 @@ class ResoLLMAttention(nn.Module):
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if prefix_states is not None:  # never cached: the same slots are prepended at every step
+            prefix_keys, prefix_values = self._prefix_key_values(prefix_states.to(key_states.dtype))
+            key_states = torch.cat([prefix_keys, key_states], dim=2)
+            value_states = torch.cat([prefix_values, value_states], dim=2)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -233,6 +261,7 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         segment_starts: torch.Tensor | None = None,
+        prefix_states: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -243,6 +272,7 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             token_mask=token_mask,
             segment_starts=segment_starts,
+            prefix_states=prefix_states,
             past_key_values=past_key_values,
             **kwargs,
         )
@@ -253,6 +283,28 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         if self.coherence_gate is not None:
             hidden_states, _ = self.coherence_gate(hidden_states)
         return residual + hidden_states
+
+
+def uses_prefix_slots(config: ResoLLMConfig) -> bool:
+    return config.agency.enabled or config.temporal_smf.enabled
+
+
+def mask_with_prefix(causal_mask, prefix_visible, query_length: int, key_length: int, dtype, device):
+    """Prepend always-visible prefix columns to a 4D attention mask (bool for sdpa, additive for eager).
+
+    ``causal_mask`` may be None (sdpa without padding): then the plain causal pattern is materialised,
+    since a prefix breaks the top-left alignment sdpa's ``is_causal`` assumes.
+    """
+    batch, slots = prefix_visible.shape
+    if causal_mask is None:
+        rows = torch.arange(query_length, device=device)[:, None] + (key_length - query_length)
+        causal_mask = (torch.arange(key_length, device=device)[None, :] <= rows)[None, None].expand(batch, 1, -1, -1)
+    prefix = prefix_visible[:, None, None, :].expand(batch, 1, query_length, slots)
+    if causal_mask.dtype == torch.bool:
+        return torch.cat([prefix, causal_mask], dim=-1)
+    blocked = torch.finfo(causal_mask.dtype).min
+    additive = torch.zeros_like(prefix, dtype=causal_mask.dtype).masked_fill(~prefix, blocked)
+    return torch.cat([additive, causal_mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
 def check_safetensors_file(path: str) -> None:
@@ -316,6 +368,17 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
                 check_local_checkpoint(str(pretrained_model_name_or_path))
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    # Callables `hook(model, save_directory)` run after `save_pretrained` has written the folder, on the main
+    # process only. reso_hf.hub appends its model-card writer; where reso_hf is not installed it stays empty.
+    _post_save_hooks: list = []
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            for hook in ResoLLMPreTrainedModel._post_save_hooks:
+                hook(self, save_directory)
+        return result
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -328,16 +391,9 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.coupling, module.coupling_init)
         elif isinstance(module, ResoLLMCoherenceGate):
             init.constant_(module.score.bias, ResoLLMCoherenceGate.INITIAL_BIAS)
-
-
-# v2 extensions whose computation is not in this version yet: enabling one is an error, never a no-op.
-EXTENSIONS_NOT_YET_AVAILABLE = ("agency", "prsc", "temporal_smf")
-
-
-def _check_extensions_available(config: ResoLLMConfig) -> None:
-    for name in EXTENSIONS_NOT_YET_AVAILABLE:
-        if getattr(config, name).enabled:
-            raise ValueError(f"{name}.enabled=True is not supported by this version of reso-hf yet; set it to False")
+        elif isinstance(module, ResoLLMConceptBank):
+            init.normal_(module.keys, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.values, mean=0.0, std=self.config.initializer_range)
 
 
 def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int):
@@ -352,13 +408,17 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__(config)
-        _check_extensions_available(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.prime_code = (
             ResoLLMPrimeCode(config.vocab_size, config.prime_code_dim, config.hidden_size)
             if config.prime_embedding
+            else None
+        )
+        self.concept_bank = (
+            ResoLLMConceptBank(config.hidden_size, config.prsc.max_bindings, config.prime_code_dim)
+            if config.prsc.enabled and config.prsc.max_bindings > 0
             else None
         )
         self.layers = nn.ModuleList(
@@ -389,8 +449,19 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        prefix_states: torch.Tensor | None = None,
+        prefix_visible: torch.Tensor | None = None,
+        bound_concepts: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ResoLLMModelOutputWithPast:
+        r"""
+        prefix_states (`torch.Tensor` of shape `(batch, slots, hidden_size)`, *optional*):
+            Goal / memory vectors entering every attention layer as always-visible prefix slots.
+        prefix_visible (`torch.BoolTensor` of shape `(batch, slots)`, *optional*):
+            Which prefix slots each row may see (default: all).
+        bound_concepts (`tuple(keys, values)`, *optional*):
+            Extra PRSC concept slots (the user's bindings), appended to the learned bank.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -400,6 +471,11 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
                 inputs_embeds = inputs_embeds + self.prime_code(input_ids)
         elif self.prime_code is not None:
             raise ValueError("prime_embedding=True needs input_ids (the prime code is indexed by token id)")
+        if self.concept_bank is not None:
+            bound_keys, bound_values = bound_concepts if bound_concepts is not None else (None, None)
+            inputs_embeds = self.concept_bank(inputs_embeds, bound_keys, bound_values)
+        if prefix_states is not None and not uses_prefix_slots(self.config):
+            raise ValueError("prefix_states needs agency.enabled or temporal_smf.enabled (the prefix projections)")
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -407,8 +483,8 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
             self._prepare_phase_cache(past_key_values)
 
         seq_len = inputs_embeds.shape[1]
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
 
         causal_mask = create_causal_mask(
@@ -418,6 +494,11 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
             past_key_values=past_key_values,
             position_ids=position_ids,
         )
+        if prefix_states is not None:
+            if prefix_visible is None:
+                prefix_visible = torch.ones(prefix_states.shape[:2], dtype=torch.bool, device=prefix_states.device)
+            causal_mask = mask_with_prefix(causal_mask, prefix_visible, seq_len, past_seen_tokens + seq_len,
+                                           inputs_embeds.dtype, inputs_embeds.device)
         # Which of the new tokens are real (not padding): Kuramoto's mean field must ignore padding.
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_len:]
@@ -440,6 +521,7 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
                 attention_mask=causal_mask,
                 token_mask=token_mask,
                 segment_starts=segment_starts,
+                prefix_states=prefix_states,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 **kwargs,
@@ -458,21 +540,261 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         self.model = ResoLLMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.temporal_smf.enabled:
+            self.memory_orientation = nn.Linear(config.hidden_size, len(SMF_AXES), bias=False)
         self.post_init()
+        self.reso_state = ResoState(config)
+        self.tokenizer = None
+
+    # ---------------------------------------------------------------------------------------------
+    # State that outlives a call: goals, foci, bindings, memory (SPEC §3.5-§3.7)
+    # ---------------------------------------------------------------------------------------------
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """The tokenizer used to turn goal descriptions, memories and concept names into vectors."""
+        self.tokenizer = tokenizer
 
     def reset_state(self) -> None:
-        """Forget all state that outlives a call (goals, bindings, memory, stability window)."""
-        reset_generation_state = getattr(super(), "_reset_generation_state", None)
-        if reset_generation_state is not None:
-            reset_generation_state()
+        """Forget all state that outlives a call (goals, foci, bindings, memory, stability window)."""
+        self.reso_state = ResoState(self.config)
+        self._reset_generation_state()
 
+    def _require(self, component: str, method: str) -> None:
+        if not getattr(self.config, component).enabled:
+            raise ValueError(f"{method}() needs {component}.enabled=True in the config")
+
+    @torch.no_grad()
+    def text_vector(self, text: str, tokenizer=None) -> torch.Tensor:
+        """Mean final hidden state of ``text`` (no goal or memory slots), the vector of goals and memories."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=..., call attach_tokenizer(), or use ResoLLMInference")
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        was_training = self.training
+        self.eval()
+        hidden = self.model(input_ids=ids, use_cache=False).last_hidden_state
+        self.train(was_training)
+        return hidden[0].float().mean(dim=0)
+
+    def create_goal(self, description: str, goal_type: str = "task", tokenizer=None) -> Goal:
+        """Register a goal; it enters every attention layer as a prefix slot until achieved or reset."""
+        self._require("agency", "create_goal")
+        if not isinstance(description, str) or not description.strip():
+            raise ValueError(f"goal description must be a non-empty string, got {description!r}")
+        return self.reso_state.add_goal(description, goal_type, self.text_vector(description, tokenizer))
+
+    def get_active_goals(self) -> list[Goal]:
+        return self.reso_state.active_goals()
+
+    def get_attention_foci(self) -> list[AttentionFocus]:
+        """Foci of the last `goal_telemetry` call (the positions the last token attended to most)."""
+        return list(self.reso_state.foci)
+
+    def bind_concept(self, name: str, token_id: int | None = None, concept: ConceptBinding | None = None):
+        """Bind ``name`` to a PRSC slot keyed by the prime phasor code of ``token_id``'s prime (or of a
+        composed concept from `compose`); returns the `ConceptBinding`."""
+        self._require("prsc", "bind_concept")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"concept name must be a non-empty string, got {name!r}")
+        if (token_id is None) == (concept is None):
+            raise ValueError("bind_concept needs exactly one of token_id or concept")
+        bindings = self.reso_state.bindings
+        if name in bindings:
+            raise ValueError(f"concept {name!r} is already bound (slot {bindings[name].slot})")
+        if len(bindings) >= self.config.prsc.max_bindings:
+            raise ValueError(f"prsc.max_bindings={self.config.prsc.max_bindings} concepts are already bound")
+        if concept is None:
+            concept = self._concept_of_token(name, token_id)
+        binding = ConceptBinding(name, concept.prime, concept.key, concept.value,
+                                 slot=self.config.prsc.max_bindings + len(bindings))
+        bindings[name] = binding
+        return binding
+
+    @torch.no_grad()
+    def _concept_of_token(self, name: str, token_id: int) -> ConceptBinding:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token_id={token_id!r} is invalid: expected an int in [0, {self.vocab_size - 1}]")
+        prime = first_primes(token_id + 1)[token_id]
+        bank = self.model.concept_bank
+        key = bank.key_of_phasor(prime_phasor(prime, bank.code_dim // 2)).detach().float().cpu()
+        value = self.model.embed_tokens.weight[token_id].detach().float().cpu()
+        return ConceptBinding(name, prime, key, value)
+
+    @torch.no_grad()
+    def compose(self, first, second) -> ConceptBinding:
+        """The composite of two concepts (bound names or token ids): prime p_a*p_b, key from the phasor
+        code c(p_a*p_b) = c(p_a) * c(p_b), value the sum of both values. Bind it with
+        ``bind_concept(name, concept=...)``."""
+        self._require("prsc", "compose")
+        parts = [self.reso_state.bindings[c] if isinstance(c, str) and c in self.reso_state.bindings
+                 else self._concept_for(c) for c in (first, second)]
+        prime = parts[0].prime * parts[1].prime
+        bank = self.model.concept_bank
+        key = bank.key_of_phasor(prime_phasor(prime, bank.code_dim // 2)).detach().float().cpu()
+        return ConceptBinding(f"{parts[0].name}*{parts[1].name}", prime, key, parts[0].value + parts[1].value)
+
+    def _concept_for(self, reference) -> ConceptBinding:
+        if isinstance(reference, str):
+            raise ValueError(f"concept {reference!r} is not bound; bound: {sorted(self.reso_state.bindings)}")
+        return self._concept_of_token(str(reference), reference)
+
+    def _bound_concepts(self):
+        bindings = list(self.reso_state.bindings.values())
+        if not bindings or self.model.concept_bank is None:
+            return None
+        return torch.stack([b.key for b in bindings]), torch.stack([b.value for b in bindings])
+
+    def update_memory(self, text: str, importance: float = 1.0, tokenizer=None) -> MemoryEntry:
+        """Store ``text`` in the Temporal SMF memory (key = mean hidden state, orientation on 16 axes)."""
+        self._require("temporal_smf", "update_memory")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"memory text must be a non-empty string, got {text!r}")
+        if isinstance(importance, bool) or not isinstance(importance, (int, float)) or not 0 <= importance <= 1:
+            raise ValueError(f"importance must be a number in [0, 1], got {importance!r}")
+        key = self.text_vector(text, tokenizer)
+        with torch.no_grad():
+            orientation = torch.tanh(self.memory_orientation(key.to(self.memory_orientation.weight)))
+        return self.reso_state.memory.add(key, orientation, importance, text)
+
+    def recall(self, query, k: int | None = None, tokenizer=None) -> list[tuple[MemoryEntry, float]]:
+        """Top-k memories by cosine x strength for a text or vector query; they become the memory
+        context that enters attention as prefix slots (until `clear_memory_context` or `reset_state`)."""
+        self._require("temporal_smf", "recall")
+        k = self.config.temporal_smf.recall_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        vector = self.text_vector(query, tokenizer) if isinstance(query, str) else query
+        recalled = self.reso_state.memory.recall(vector, k)
+        self.reso_state.memory_context = [entry for entry, _ in recalled]
+        return recalled
+
+    def clear_memory_context(self) -> None:
+        self.reso_state.memory_context = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Goal progress and attention foci (SPEC §3.6), reported in ResoGenerateOutput
+    # ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
     def goal_telemetry(self, sequences: torch.LongTensor, prompt_length: int):
-        """Per generated sequence: (descriptions of goals achieved, attention summary dict).
-
-        Without active goals nothing can be achieved and there are no foci to summarise.
-        """
+        """Per sequence: (descriptions of goals achieved, attention summary). Updates goal progress
+        (cosine of the generated text's mean hidden state to the goal, clipped to [0, 1]) and the foci."""
         batch = sequences.shape[0]
-        return [[] for _ in range(batch)], [{} for _ in range(batch)]
+        if not self.config.agency.enabled:
+            return [[] for _ in range(batch)], [{} for _ in range(batch)]
+        mask = torch.ones_like(sequences, dtype=torch.bool)
+        if self.config.pad_token_id is not None:
+            mask = sequences != self.config.pad_token_id
+        hidden, attention, prefix_slots = self._hidden_and_attention(sequences, mask)
+        goals = self.reso_state.active_goals()
+        goal_vectors = torch.stack([g.vector for g in goals]).to(hidden) if goals else None
+        generated = mask.clone()
+        generated[:, :prompt_length] = False
+        achieved, summaries, progress_rows = [], [], []
+        threshold = self.config.agency.goal_coherence_threshold
+        for row in range(batch):
+            progress = torch.zeros(len(goals))
+            if goals and generated[row].any():
+                mean = hidden[row][generated[row]].mean(dim=0)
+                progress = torch.cosine_similarity(goal_vectors, mean[None], dim=-1).clamp(0, 1).cpu()
+            progress_rows.append(progress)
+            achieved.append([g.description for g, p in zip(goals, progress) if p >= threshold])
+            foci = self._foci(sequences[row], hidden[row], attention[row], mask[row], prefix_slots, goal_vectors)
+            if row == 0:
+                self.reso_state.foci = foci
+            summaries.append({
+                "foci": [vars(f) for f in foci],
+                "prefix_attention": float(attention[row, -1, :prefix_slots].sum()) if prefix_slots else 0.0,
+                "goal_progress": {g.description: float(p) for g, p in zip(goals, progress)},
+            })
+        for index, goal in enumerate(goals):
+            goal.progress = float(torch.stack([p[index] for p in progress_rows]).mean())
+            goal.achieved = any(goal.description in row for row in achieved)
+        return achieved, summaries
+
+    def _hidden_and_attention(self, sequences, mask):
+        """Final hidden states and the last real token's attention averaged over layers and heads."""
+        implementation = self.config._attn_implementation
+        self.config._attn_implementation = "eager"  # only eager returns attention weights
+        try:
+            prefix = self.reso_state.prefix_vectors()
+            prefix = prefix.to(self.device)[None].expand(sequences.shape[0], -1, -1) if prefix is not None else None
+            outputs = self.model(input_ids=sequences, attention_mask=mask.long(), use_cache=False,
+                                 output_attentions=True, prefix_states=prefix, bound_concepts=self._bound_concepts())
+        finally:
+            self.config._attn_implementation = implementation
+        last = mask.long().cumsum(-1).argmax(-1)  # index of the last real token per row
+        rows = torch.arange(sequences.shape[0])
+        weights = torch.stack([a[rows, :, last] for a in outputs.attentions]).mean(dim=(0, 2))  # (B, P + T)
+        return outputs.last_hidden_state.float(), weights.float()[:, None, :], 0 if prefix is None else prefix.shape[1]
+
+    def _foci(self, tokens, hidden, attention, mask, prefix_slots, goal_vectors) -> list[AttentionFocus]:
+        agency = self.config.agency
+        mass = attention[-1, prefix_slots:].masked_fill(~mask, 0.0)
+        chosen = mass.topk(min(agency.max_foci, int(mask.sum()))).indices.tolist()
+        foci, earlier = [], []
+        for position in chosen:
+            vector = hidden[position]
+            novelty = 1.0 - max((float(torch.cosine_similarity(vector, e, dim=0)) for e in earlier), default=0.0)
+            relevance = 0.0
+            if goal_vectors is not None:
+                relevance = float(torch.cosine_similarity(goal_vectors, vector[None], dim=-1).max().clamp(0, 1))
+            intensity = float(mass[position])
+            score = (agency.intensity_weight * intensity + agency.novelty_weight * novelty
+                     + agency.relevance_weight * relevance)
+            foci.append(AttentionFocus("token", int(tokens[position]), position, intensity, novelty, relevance, score))
+            earlier.append(vector)
+        return sorted(foci, key=lambda f: f.score, reverse=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # Prefix slots for the forward pass
+    # ---------------------------------------------------------------------------------------------
+
+    def _prefix_inputs(self, input_ids, attention_mask, labels, batch_size):
+        """(prefix_states, prefix_visible): the state's goals and memories, or in SFT the answer's own
+        mean hidden state as goal for a random `agency.goal_dropout` share of rows (goal dropout)."""
+        vectors = self.reso_state.prefix_vectors()
+        if vectors is not None:
+            return vectors.to(self.device, self.dtype)[None].expand(batch_size, -1, -1), None
+        if self.config.agency.enabled and self.training and labels is not None and input_ids is not None:
+            return self._answer_goals(input_ids, attention_mask, labels)
+        return None, None
+
+    @torch.no_grad()
+    def _answer_goals(self, input_ids, attention_mask, labels):
+        answer = labels != -100
+        if attention_mask is not None:
+            answer &= attention_mask.bool()
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        count = answer.sum(-1, keepdim=True)
+        goal = (hidden * answer[..., None]).sum(1) / count.clamp(min=1)
+        keep = (torch.rand(input_ids.shape[0], device=input_ids.device) < self.config.agency.goal_dropout)
+        keep &= count[:, 0] > 0
+        if not keep.any():
+            return None, None
+        return goal[:, None, :], keep[:, None]
+
+    # ---------------------------------------------------------------------------------------------
+    # Persistence of the state (safetensors + JSON)
+    # ---------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, save_memory: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with ``save_memory=True`` also the goals, memory and
+        concept bindings (`reso_state.safetensors` + `reso_state.json`, written atomically)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if save_memory and kwargs.get("is_main_process", True):
+            self.reso_state.save(str(save_directory))
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, load_memory: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`; restores saved state (``save_memory=True``) when present."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        folder = str(pretrained_model_name_or_path)
+        if load_memory and os.path.isfile(os.path.join(folder, STATE_JSON_FILE)):
+            model.reso_state.load(folder)
+        return loaded
 
     @can_return_tuple
     def forward(
@@ -487,6 +809,11 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ResoLLMCausalLMOutputWithPast:
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        prefix_states, prefix_visible = self._prefix_inputs(input_ids, attention_mask, labels, batch_size)
+        if self.config.temporal_smf.enabled and not self.training and past_key_values is not None:
+            if past_key_values.get_seq_length() > 0:  # a generation step ages the memories
+                self.reso_state.memory.advance(1)
         outputs: ResoLLMModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -494,6 +821,9 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            prefix_states=prefix_states,
+            prefix_visible=prefix_visible,
+            bound_concepts=self._bound_concepts(),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -31,12 +31,16 @@ def prime_code_frequencies(num_frequencies: int) -> torch.Tensor:
     )
 
 
-def prime_phasor(n: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+def prime_phasor(n, num_frequencies: int) -> torch.Tensor:
     """Complex phasor code ``c(n)_k = exp(2*pi*i * f_k * ln n)`` of positive integers ``n`` (complex128).
 
+    ``n`` is a tensor or a Python int of any size (products of many primes overflow int64).
     Because the phase is linear in ``ln n``, ``c(a*b) = c(a) * c(b)`` elementwise.
     """
-    log_n = torch.log(n.to(torch.float64)).unsqueeze(-1)
+    if isinstance(n, int):
+        log_n = torch.tensor(math.log(n), dtype=torch.float64).unsqueeze(-1)
+    else:
+        log_n = torch.log(n.to(torch.float64)).unsqueeze(-1)
     return torch.polar(torch.ones_like(log_n), 2 * math.pi * prime_code_frequencies(num_frequencies) * log_n)
 
 
@@ -177,3 +181,40 @@ class ResoLLMCoherenceGate(nn.Module):
         coherence = torch.sigmoid(self.score(mlp_output))
         gate = torch.sigmoid(self.sharpness * (coherence - self.threshold))
         return mlp_output * gate, gate.squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# §3.5 PRSC concept bank
+# ---------------------------------------------------------------------------------------------
+
+
+class ResoLLMConceptBank(nn.Module):
+    """Per-token attention over M learned concept slots plus the user's bound concepts:
+    ``h_t += W_o softmax(q(h_t) K^T / sqrt(d)) V``. No mixing across positions, so causal by construction.
+
+    A bound concept's key is the projection ``code_proj`` of its prime phasor code, so composing two
+    concepts (product of primes = product of phasors, SPEC §3.1) gives the key of the composite.
+    """
+
+    def __init__(self, hidden_size: int, num_slots: int, code_dim: int):
+        super().__init__()
+        self.scale = hidden_size**-0.5
+        self.code_dim = code_dim
+        self.query = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.keys = nn.Parameter(torch.empty(num_slots, hidden_size))
+        self.values = nn.Parameter(torch.empty(num_slots, hidden_size))
+        self.output = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.code_proj = nn.Linear(code_dim, hidden_size, bias=False)
+
+    def key_of_phasor(self, phasor: torch.Tensor) -> torch.Tensor:
+        """Slot key of a complex phasor code (K,) -> (hidden,)."""
+        code = torch.cat([phasor.real, phasor.imag]).to(self.code_proj.weight)
+        return self.code_proj(code)
+
+    def forward(self, hidden_states: torch.Tensor, bound_keys=None, bound_values=None) -> torch.Tensor:
+        keys, values = self.keys, self.values
+        if bound_keys is not None:
+            keys = torch.cat([keys, bound_keys.to(keys)], dim=0)
+            values = torch.cat([values, bound_values.to(values)], dim=0)
+        weights = torch.softmax(self.query(hidden_states) @ keys.T * self.scale, dim=-1)
+        return hidden_states + self.output(weights @ values)

@@ -1,93 +1,94 @@
-"""`make demo`: train a tiny ResoLLM on the bundled guanaco-format sample, save it as a Hub-ready
-folder, reload it through `AutoModelForCausalLM` and chat with it.
+"""`make demo`: the product tour on the bundled guanaco-format sample, offline, a few minutes on 2 CPU cores.
 
-    python -m reso_hf.demo --output_dir outputs/demo [--max_steps 300]
+    1. pretrain a tiny ResoLLM with `reso_hf.training.pretrain` (Trainer, packing, eval, checkpoints)
+    2. evaluate it with `reso_hf.training.evaluate` (local `evaluate` perplexity module -> eval_results.json)
+    3. reload the Hub-ready folder with `AutoModelForCausalLM` and generate with ResoLLM telemetry
+    4. DynamicLoRA SFT of that model with `reso_hf.training.sft` (health report and dynamics plot)
+
+    python -m reso_hf.demo --output_dir outputs/demo [--max_steps 200 --sft_steps 20]
 """
 
 import json
-import time
+import os
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
-import torch
-from datasets import Dataset
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-import reso_hf
+from reso_hf.training import evaluate, pretrain, sft
+from reso_hf.training.arguments import DataArguments, EvalArguments, PretrainArguments, SftArguments
 
 
 @dataclass
 class DemoArguments:
-    output_dir: str = field(default="outputs/demo", metadata={"help": "Where the checkpoint and logs go."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps (about 2 minutes on 2 CPU cores)."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where checkpoints, plots and summaries go."})
+    max_steps: int = field(default=200, metadata={"help": "Pretraining optimizer steps."})
+    sft_steps: int = field(default=20, metadata={"help": "DynamicLoRA SFT optimizer steps."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    batch_size: int = field(default=8, metadata={"help": "Blocks per optimizer step."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
-def bundled_sample_texts() -> list[str]:
-    """The guanaco-format conversations shipped with the package (written for the project)."""
-    with resources.files("reso_hf").joinpath("data/guanaco_sample.jsonl").open(encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle if line.strip()]
+def sample_data(block_size: int, assistant_only: bool) -> DataArguments:
+    return DataArguments(use_bundled_sample=True, block_size=block_size, assistant_only_loss=assistant_only,
+                         chat_template="guanaco", eval_fraction=0.1)
 
 
-def packed_blocks(texts: list[str], tokenizer, block_size: int) -> Dataset:
-    """Concatenate the documents with EOS between them and cut into equal blocks (labels = inputs)."""
-    stream = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    usable = len(stream) // block_size * block_size
-    blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+def trainer_arguments(output_dir: str, steps: int, args: DemoArguments, learning_rate: float) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20), weight_decay=0.01, logging_steps=max(1, steps // 10),
+        eval_strategy="steps", eval_steps=max(1, steps // 2), save_strategy="steps", save_steps=max(1, steps // 2),
+        save_total_limit=1, report_to="none", use_cpu=True, seed=args.seed, disable_tqdm=True,
+    )
 
 
 def main(args: DemoArguments) -> None:
-    output_dir = Path(args.output_dir)
-    checkpoint = output_dir / "model"
-    tokenizer = reso_hf.create_default_tokenizer()
-    config = reso_hf.tiny_config(vocab_size=len(tokenizer), max_position_embeddings=args.block_size)
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    dataset = packed_blocks(bundled_sample_texts(), tokenizer, args.block_size)
-    print(f"[1/3] Training a {parameters / 1e6:.2f}M-parameter ResoLLM on {len(dataset)} blocks of "
-          f"{args.block_size} tokens (bundled guanaco-format sample)")
+    pretrain_dir = os.path.join(args.output_dir, "pretrain")
+    print(f"[1/4] Pretraining a tiny ResoLLM for {args.max_steps} steps on the bundled guanaco-format sample")
+    summary = pretrain.run(PretrainArguments(model_preset="tiny"), sample_data(args.block_size, False),
+                           trainer_arguments(pretrain_dir, args.max_steps, args, 3e-3), quiet=True)
+    model_dir = summary["artifacts"]["model_dir"]
+    print(f"      {summary['model']['parameters'] / 1e6:.2f}M parameters, train loss "
+          f"{summary['training']['train_loss']:.3f}, eval loss {summary['eval']['eval_loss']:.3f}; "
+          f"{summary['data']['malformed_rows']['train']} malformed rows skipped")
+    print(f"      loss curves: {summary['artifacts']['loss_plot']}, summary: {pretrain_dir}/run_summary.json")
 
-    training_args = TrainingArguments(
-        output_dir=str(output_dir / "trainer"), max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, args.max_steps // 20), weight_decay=0.01,
-        logging_steps=max(1, args.max_steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-        seed=args.seed, dataloader_drop_last=True,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
-    started = time.perf_counter()
-    result = trainer.train()
-    print(f"      final training loss {result.training_loss:.3f} in {time.perf_counter() - started:.0f} s")
+    print("[2/4] Evaluating the held-out split (local `evaluate` perplexity module)")
+    results = evaluate.run(EvalArguments(model=model_dir, num_samples=2, max_new_tokens=40),
+                           sample_data(args.block_size, False))
+    print(f"      held-out loss {results['loss']:.3f}, perplexity {results['perplexity']:.2f} "
+          f"over {results['tokens']} tokens -> {model_dir}/eval_results.json")
 
-    model.save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    print(f"[2/3] Saved a Hub-ready folder to {checkpoint}: {sorted(p.name for p in checkpoint.iterdir())}")
-
-    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+    print(f"[3/4] Hub-ready folder {model_dir}: {sorted(os.listdir(model_dir))}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     messages = [{"role": "user", "content": "What is photosynthesis?"}]
-    inputs = reloaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
-    output = reloaded.generate(**inputs, max_new_tokens=80, do_sample=False,
-                               eos_token_id=reloaded_tokenizer.eos_token_id)
-    reply = reloaded_tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    print("[3/3] Reloaded with AutoModelForCausalLM and generated (greedy):")
-    print(f"      ### Human: {messages[0]['content']}\n      ### Assistant:{reply}")
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=60, do_sample=False, return_dict_in_generate=True,
+                            eos_token_id=tokenizer.eos_token_id)
+    reply = tokenizer.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"      reloaded with AutoModelForCausalLM; greedy reply:\n      ### Human: {messages[0]['content']}\n"
+          f"      ### Assistant:{reply}")
+    print(f"      telemetry ({type(output).__name__}): stability {output.stability[0]}, "
+          f"lyapunov {output.lyapunov[0]:.4f}, {output.tokens_generated[0]} tokens in "
+          f"{output.generation_time_ms[0]:.0f} ms")
+
+    sft_dir = os.path.join(args.output_dir, "sft")
+    print(f"[4/4] DynamicLoRA SFT of that model for {args.sft_steps} steps (assistant tokens only)")
+    tiers = {"target_modules": ["q_proj", "v_proj", "o_proj"], "autocorr_window": 5,
+             "tier_ranks": {"foundation": 8, "domain": 8, "swarm": 4, "agent": 4, "context": 2}}
+    sft_summary = sft.run(SftArguments(base_model=model_dir, dynamic_lora=json.dumps(tiers)),
+                          sample_data(args.block_size, True),
+                          trainer_arguments(sft_dir, args.sft_steps, args, 1e-3), quiet=True)
+    health = sft_summary["dynamic_lora"]["health"]
+    print(f"      trainable {sft_summary['model']['trainable_parameters']:,} of "
+          f"{sft_summary['model']['parameters']:,} parameters; eval loss {sft_summary['eval']['eval_loss']:.3f}")
+    print(f"      health: {health['health']} {health.get('health_reasons') or ''}")
+    for tier, values in health["tiers"].items():
+        print(f"        {tier:<10} alpha_eff {values.get('alpha_eff', float('nan')):.3f}  "
+              f"screened {values.get('screened_fraction', float('nan')):.2f}")
+    print(f"      adapter: {sft_summary['artifacts']['model_dir']}; dynamics plot: {sft_dir}/{sft.DYNAMICS_PLOT_NAME}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ import logging
 import os
 from itertools import islice
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    ProgressCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import modeling
@@ -64,7 +72,9 @@ def build_model(model_args: PretrainArguments, tokenizer, block_size: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def run(model_args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+def run(model_args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments,
+        quiet: bool = False) -> dict:
+    """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
     checkpoint = resume_checkpoint(training_args.output_dir, model_args.resume)
     if training_args.process_index == 0:
         clean_staging(training_args.output_dir)
@@ -77,6 +87,9 @@ def run(model_args: PretrainArguments, data_args: DataArguments, training_args: 
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
     model.config.use_cache = True

@@ -18,7 +18,15 @@ import os
 
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    ProgressCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
@@ -112,7 +120,9 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
+        quiet: bool = False) -> dict:
+    """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
     checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
     if training_args.process_index == 0:
         clean_staging(training_args.output_dir)
@@ -129,6 +139,9 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
         processing_class=tokenizer, data_collator=default_data_collator,
     )
     DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
     base.config.use_cache = True

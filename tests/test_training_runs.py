@@ -1,0 +1,207 @@
+"""Recipes, exact resume after kill -9, atomic checkpoints, Trainer's files, and a 2-process CPU DDP run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
+
+import reso_hf
+from reso_hf.training import pretrain, sft
+from reso_hf.training.arguments import parse_recipe, recipe_to_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_RECIPE = str(ROOT / "recipes/reso_llm/pretrain_sample.yaml")
+MICRO = json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, prime_code_dim=8, max_position_embeddings=128))
+MICRO_FLAGS = ["--config_overrides", MICRO, "--block_size", "64", "--per_device_train_batch_size", "2",
+               "--per_device_eval_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+               "--max_eval_samples", "4"]
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                    "training_args.json"}
+
+
+def environment():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train_command(output_dir, *flags):
+    return [sys.executable, "-m", "reso_hf.train", "--recipe", SAMPLE_RECIPE, "--output_dir", str(output_dir),
+            *MICRO_FLAGS, *flags]
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe, types", [
+    ("recipes/reso_llm/pretrain_sample.yaml", pretrain.ARGUMENT_TYPES),
+    ("recipes/reso_llm/pretrain_guanaco.yaml", pretrain.ARGUMENT_TYPES),
+    ("recipes/dynamic_lora/sft_guanaco.yaml", sft.ARGUMENT_TYPES),
+])
+def test_recipe_round_trips_into_the_dataclasses(recipe, types):
+    import yaml
+
+    values = yaml.safe_load((ROOT / recipe).read_text())
+    parsed = parse_recipe(types, str(ROOT / recipe), [])
+    for key, expected in values.items():
+        owner = next(p for p in parsed if hasattr(p, key))
+        actual = getattr(owner, key)
+        if isinstance(expected, dict):
+            actual = json.loads(actual)
+        elif isinstance(expected, str) and not isinstance(actual, str):
+            actual = getattr(actual, "value", actual)
+            actual = actual[0] if isinstance(actual, list) and len(actual) == 1 else actual
+        if key == "report_to":  # TrainingArguments normalises a single integration to a list, "none" to []
+            expected = [] if expected == "none" else [expected]
+            actual = getattr(owner, key)
+        assert actual == expected, key
+
+
+def test_cli_flags_override_the_recipe():
+    model_args, data_args, training_args = parse_recipe(pretrain.ARGUMENT_TYPES, SAMPLE_RECIPE,
+                                                        ["--max_steps", "7", "--block_size", "32"])
+    assert (training_args.max_steps, data_args.block_size, model_args.model_preset) == (7, 32, "tiny")
+
+
+def test_unknown_recipe_field_is_an_error_naming_it(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model_preset: tiny\nlearnig_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown field 'learnig_rate'; did you mean \['learning_rate'"):
+        parse_recipe(pretrain.ARGUMENT_TYPES, str(recipe), [])
+    recipe.write_text("model_preset: huge\n")
+    with pytest.raises(SystemExit):  # argparse's error, naming the field and the allowed values
+        parse_recipe(pretrain.ARGUMENT_TYPES, str(recipe), [])
+    assert "--model_preset/--model-preset: invalid choice: 'huge' (choose from 'tiny'" in capsys.readouterr().err
+
+
+def test_yaml_values_get_cli_type_conversion():
+    argv = recipe_to_argv({"learning_rate": "3e-4", "data_files": ["a.jsonl", "b.jsonl"], "packing": False,
+                           "dynamic_lora": {"tiers": ["agent"]}}, sft.ARGUMENT_TYPES)
+    sft_args, data_args, training_args = parse_recipe(sft.ARGUMENT_TYPES, None, argv)
+    assert training_args.learning_rate == 3e-4 and data_args.data_files == ["a.jsonl", "b.jsonl"]
+    assert data_args.packing is False and json.loads(sft_args.dynamic_lora) == {"tiers": ["agent"]}
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def final_weights(output_dir):
+    return load_file(os.path.join(output_dir, "model", "model.safetensors"))
+
+
+def assert_complete_checkpoints(output_dir):
+    names = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-"))
+    assert names, "no checkpoint was written"
+    for name in names:
+        folder = os.path.join(output_dir, name)
+        assert CHECKPOINT_FILES <= set(os.listdir(folder)), f"{name} is incomplete: {os.listdir(folder)}"
+        assert "training_args.bin" not in os.listdir(folder)  # replaced by training_args.json (no pickle)
+        load_file(os.path.join(folder, "model.safetensors"))
+        json.loads(Path(folder, "trainer_state.json").read_text())
+        torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+        torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True)
+        rng_files = [f for f in os.listdir(folder) if f.startswith("rng_state")]  # rng_state_<rank>.pth under DDP
+        assert rng_files
+        for rng_file in rng_files:
+            with safe_globals():  # numpy RNG arrays allowlisted, still weights_only
+                torch.load(os.path.join(folder, rng_file), weights_only=True)
+    return names
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    flags = ["--max_steps", "24", "--save_steps", "3", "--save_total_limit", "20", "--eval_strategy", "no"]
+    reference = tmp_path / "reference"
+    subprocess.run(train_command(reference, *flags), env=environment(), check=True, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(train_command(interrupted, *flags), env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoint-6").exists():
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "model").exists()  # it really was interrupted
+    survivors = assert_complete_checkpoints(interrupted)  # whatever is on disk is complete
+
+    resumed = subprocess.run(train_command(interrupted, *flags, "--resume"), env=environment(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((interrupted / "run_summary.json").read_text())
+    assert summary["training"]["resumed_from"] == str(interrupted / survivors[-1])
+    assert not (interrupted / ".staging").exists()
+    expected, actual = final_weights(reference), final_weights(interrupted)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        pretrain.resume_checkpoint(str(tmp_path), True)
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+
+def torchrun(module, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", module,
+            *args]
+
+
+@pytest.mark.timeout(300)
+def test_two_process_cpu_ddp_pretrain_trains_evaluates_and_saves(tmp_path):
+    output = tmp_path / "ddp"
+    command = torchrun("reso_hf.train", "--recipe", SAMPLE_RECIPE, "--output_dir", str(output), *MICRO_FLAGS,
+                       "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", "--ddp_find_unused_parameters",
+                       "false")
+    result = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["training"]["world_size"] == 2 and summary["training"]["global_step"] == 3
+    assert summary["eval"]["eval_loss"] > 0
+    assert assert_complete_checkpoints(output) == ["checkpoint-3"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(output / "checkpoint-3"))
+    assert (output / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.timeout(300)
+def test_two_process_cpu_ddp_sft_keeps_dynamic_lora_state_identical_across_ranks(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = reso_hf.create_default_tokenizer()
+    config = reso_hf.tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 **json.loads(MICRO))
+    reso_hf.ResoLLMForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    output = tmp_path / "sft"
+    lora = json.dumps({"target_modules": ["q_proj", "v_proj"], "autocorr_window": 2,
+                       "tier_ranks": {"foundation": 4, "domain": 4, "swarm": 2, "agent": 2, "context": 2}})
+    command = torchrun("reso_hf.cli", "sft", "--base_model", str(tmp_path / "base"), "--use_bundled_sample", "true",
+                       "--output_dir", str(output), "--dynamic_lora", lora, "--block_size", "64",
+                       "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "4",
+                       "--eval_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+                       "--ddp_find_unused_parameters", "false")
+    result = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "run_summary.json").read_text())
+    digests = summary["dynamic_lora"]["dynamics_digest_per_rank"]
+    # horizontal resonance is off (safe mode): DDP averages every tier's gradient, so the whole dynamics
+    # state (importance, phases, thresholds, EMAs) must be the same on both ranks
+    assert len(digests) == 2 and summary["dynamic_lora"]["ranks_agree"] is True
+    assert summary["dynamic_lora"]["health"]["health"] in {"HEALTHY", "ACCEPTABLE", "DEGRADED"}
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
+    assert (output / "checkpoint-4" / "dynamic_lora_state.safetensors").exists()

@@ -205,3 +205,12 @@ def test_two_process_cpu_ddp_sft_keeps_dynamic_lora_state_identical_across_ranks
     assert summary["dynamic_lora"]["health"]["health"] in {"HEALTHY", "ACCEPTABLE", "DEGRADED"}
     assert (output / "adapter" / "adapter_model.safetensors").exists()
     assert (output / "checkpoint-4" / "dynamic_lora_state.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("single_cpu", "NO"), ("single_gpu", "NO"), ("multi_gpu_ddp", "MULTI_GPU"),
+                                        ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind

@@ -36,3 +36,6 @@ from .runtime import GenerationResult, ResoAgentGroup, ResoLLMInference
 from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraModel, register_dynamic_lora
 
 register_dynamic_lora()
+
+# Hub sharing (SPEC §7): model/adapter cards and push; importing it installs the card-writing save hooks.
+from .hub import push_to_hub_folder, render_adapter_card, render_model_card, write_card

@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "reso_hf.training.commands",
     "reso_hf.runtime.commands",
+    "reso_hf.hub.commands",
 ]
 
 

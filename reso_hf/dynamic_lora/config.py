@@ -364,6 +364,10 @@ class DynamicLoraConfig(PeftConfig):
         """
         self._dynamics_owner = (weakref.ref(tuner), adapter_name)
 
+    # Callables `hook(config, save_directory, tuner_or_None, adapter_name_or_None)` run after the config and the
+    # dynamics state are written (PEFT calls this last, on the main process only). Not a dataclass field.
+    _post_save_hooks = []
+
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}.")
@@ -374,10 +378,11 @@ class DynamicLoraConfig(PeftConfig):
             output["auto_mapping"] = auto_mapping_dict
         atomic_write_text(os.path.join(save_directory, "adapter_config.json"), json.dumps(output, indent=2, sort_keys=True))
         owner = getattr(self, "_dynamics_owner", None)
-        if owner is not None:
-            tuner = owner[0]()
-            if tuner is not None:
-                tuner.save_dynamics_state(save_directory, adapter_name=owner[1])
+        tuner = owner[0]() if owner is not None else None
+        if tuner is not None:
+            tuner.save_dynamics_state(save_directory, adapter_name=owner[1])
+        for hook in DynamicLoraConfig._post_save_hooks:  # e.g. reso_hf.hub's adapter-card writer
+            hook(self, save_directory, tuner, owner[1] if tuner is not None else None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

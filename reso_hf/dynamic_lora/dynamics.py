@@ -218,13 +218,14 @@ class AdapterDynamics:
         metrics: dict[str, Any] = {"step": self.step_count}
 
         # 1. non-finite values: restore the last good point (the anchors) and stop here
+        # a NaN or Inf anywhere makes the sum non-finite (one pass, no boolean copy of the factor)
         bad_tiers = sorted(
             {
                 tier
                 for layer in layers.values()
                 for tier in self.tiers
                 for which in FACTOR_FIELDS
-                if not torch.isfinite(self._factor(layer, tier, which)).all()
+                if not math.isfinite(float(self._factor(layer, tier, which).detach().sum()))
             },
             key=self.tiers.index,
         )
@@ -248,7 +249,7 @@ class AdapterDynamics:
                     grad = self._factor(layer, tier, which).grad
                     if grad is not None:
                         seen_gradient = True
-                        grad_sq[tier] += float(grad.float().pow(2).sum())
+                        grad_sq[tier] += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
         if not seen_gradient and not allow_missing_gradients:
             raise RuntimeError(
                 "dynamic_step() found no gradient on any DynamicLoRA factor. Call it after optimizer.step() and "
@@ -351,7 +352,9 @@ class AdapterDynamics:
                         screened.zero_()
                     screened_count[tier] += int(screened.sum())
                     init = self._state_tensor(state, f"init_{which}", param)
-                    decay = torch.where(screened, config.screened_decay, config.free_decay).to(param.dtype)
+                    # free_decay + screened * (screened_decay - free_decay), applied to theta - init
+                    decay = screened.to(param.dtype).mul_(config.screened_decay - config.free_decay)
+                    decay.add_(config.free_decay)
                     param.sub_(decay.mul_(param - init))
         changed = {}
         for tier in self.tiers:

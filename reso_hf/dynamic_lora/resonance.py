@@ -30,15 +30,17 @@ def update_cosine(
 ) -> tuple[float, float, float]:
     """Cosine between s_f (B_new A_new - B_old A_old) and s_s B_s A_s, with both norms.
 
-    Returns (inner, norm of the update, norm of the slow delta W); the cosine is inner / (n1 n2).
+    Returns (inner, norm of the update, norm of the slow delta W); the cosine is inner / (n1 n2). Both
+    products are written as L R with stacked factors, and a single Gram matrix of [L_update, L_slow] and of
+    [R_update; R_slow] yields all three Frobenius inner products.
     """
-    update_left = torch.cat([fast_scaling * new_b, -fast_scaling * old_b], dim=1).float()
-    update_right = torch.cat([new_a, old_a], dim=0).float()
-    slow_left = (slow_scaling * slow_b).float()
-    slow_right = slow_a.float()
-    inner = low_rank_inner(update_left, update_right, slow_left, slow_right)
-    update_sq = low_rank_inner(update_left, update_right, update_left, update_right)
-    slow_sq = low_rank_inner(slow_left, slow_right, slow_left, slow_right)
+    rank_update = new_b.shape[1] + old_b.shape[1]
+    left = torch.cat([fast_scaling * new_b, -fast_scaling * old_b, slow_scaling * slow_b], dim=1).float()
+    right = torch.cat([new_a, old_a, slow_a], dim=0).float()
+    products = (left.T @ left) * (right @ right.T)  # entry (i, j): <l_i r_i, l_j r_j>_F
+    update_sq = float(products[:rank_update, :rank_update].sum())
+    inner = float(products[:rank_update, rank_update:].sum())
+    slow_sq = float(products[rank_update:, rank_update:].sum())
     return inner, math.sqrt(max(update_sq, 0.0)), math.sqrt(max(slow_sq, 0.0))
 
 

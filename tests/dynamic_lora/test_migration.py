@@ -59,7 +59,7 @@ def test_planted_repeating_pattern_is_detected_within_stable_windows():
 
 
 def test_random_noise_is_not_detected():
-    detections, _ = _detection_run(planted=False, windows=10, window=100)
+    detections, _ = _detection_run(planted=False, windows=8, window=50)
     assert detections == []
 
 

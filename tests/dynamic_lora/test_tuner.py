@@ -220,3 +220,32 @@ def test_ddp_ignore_list_holds_exactly_the_non_shared_tiers():
     assert names and all(n.startswith("module.") for n in names)
     assert {n.rsplit(".", 1)[-1] for n in names} == {"swarm", "agent", "context"}
     assert len(names) == 3 * 2 * 4  # tiers x factors x (2 layers x q_proj, v_proj)
+
+
+def test_works_on_reso_llm(tmp_path):
+    def micro_reso(seed=0):
+        torch.manual_seed(seed)
+        config = reso_hf.ResoLLMConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       prime_code_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return reso_hf.ResoLLMForCausalLM(config).eval()
+
+    model = get_peft_model(micro_reso(), small_config(target_modules=["q_proj", "v_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        ids = batch(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.base_model.dynamic_step(optimizer)
+        optimizer.zero_grad()
+    model.eval()
+    ids = batch(seed=50)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert model.base_model.dynamics().step_count == 3
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(micro_reso(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)

@@ -39,12 +39,16 @@ def micro_config(**overrides) -> reso_hf.ResoLLMConfig:
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return reso_hf.ResoLLMConfig(**{**defaults, **overrides})
 
-EVAL_RESULTS = {
+EVAL_RESULTS = {  # the shape `reso-hf eval` writes (reso_hf/training/evaluate.py)
     "schema": EVAL_RESULTS_SCHEMA,
-    "dataset": {"name": "guanaco sample (held out)", "id": None, "split": "test"},
-    "metrics": {"loss": 2.71828, "perplexity": math.exp(2.71828)},
-    "num_tokens": 4321,
-    "evaluated_by": "reso-hf eval",
+    "created_at": "2025-01-02T00:00:00+00:00",
+    "model": "outputs/x/model",
+    "dataset": {"source": "bundled sample (reso_hf/data/guanaco_sample.jsonl)", "split": "eval", "rows": 12,
+                "block_size": 64, "packing": True, "assistant_only_loss": True},
+    "metrics": [{"type": "loss", "name": "held-out loss (nats/token)", "value": 2.71828},
+                {"type": "perplexity", "name": "held-out perplexity", "value": math.exp(2.71828)}],
+    "loss": 2.71828, "perplexity": math.exp(2.71828), "tokens": 4321,
+    "stability": None, "samples": [],
 }
 RUN_SUMMARY = {
     "schema": RUN_SUMMARY_SCHEMA, "kind": "pretrain", "created_at": "2025-01-01T00:00:00+00:00",
@@ -121,15 +125,17 @@ def test_save_pretrained_writes_a_validated_card_with_the_measured_eval_numbers(
     assert data["datasets"] == ["timdettmers/openassistant-guanaco"]
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {"loss", "perplexity"}
-    assert results["loss"].metric_value == EVAL_RESULTS["metrics"]["loss"]
-    assert results["perplexity"].metric_value == EVAL_RESULTS["metrics"]["perplexity"]
-    assert {r.dataset_split for r in results.values()} == {"test"}
+    assert results["loss"].metric_value == EVAL_RESULTS["metrics"][0]["value"] == 2.71828
+    assert results["perplexity"].metric_value == EVAL_RESULTS["metrics"][1]["value"]
+    assert {r.dataset_split for r in results.values()} == {"eval"}
+    assert {r.dataset_type for r in results.values()} == {"local"}  # the bundled sample has no Hub page
     body = card.text
     assert "trust_remote_code=True" in body
     assert "| Kuramoto phase coupling | yes |" in body and "| Agency | no |" in body
     assert "| `num_hidden_layers` | 2 |" in body
     assert "| learning rate | 0.0005 |" in body and "| optimizer steps | 30 |" in body
-    assert f"| perplexity | {math.exp(2.71828):.4f} |" in body  # from eval_results.json
+    assert f"| held-out perplexity | {math.exp(2.71828):.4f} |" in body  # from eval_results.json
+    assert "| held-out loss (nats/token) | 2.7183 |" in body and "split `eval`, 4,321 tokens" in body
     parameters = sum(p.numel() for p in model_folder[1].parameters())
     assert f"| parameters | {parameters:,} |" in body
 
@@ -165,10 +171,11 @@ def test_undefined_template_variable_is_a_clear_error(model_folder):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p.update(schema="v0"), "field 'schema' must be 'reso-hf/eval_results/v1'"),
-    (lambda p: p["metrics"].update(loss=float("nan")), "metric 'loss' must be a finite number"),
-    (lambda p: p["metrics"].update(perplexity=3.0), "metric 'perplexity' must equal exp\\(loss\\)"),
+    (lambda p: p["metrics"][0].update(value=float("nan")), "metric 'loss' must have a finite number 'value'"),
+    (lambda p: p["metrics"][1].update(value=3.0), "metric 'perplexity' must equal exp\\(loss\\)"),
     (lambda p: p["dataset"].pop("split"), "field 'dataset.split' must be a non-empty string"),
-    (lambda p: p.update(metrics={}), "field 'metrics' must be a non-empty object"),
+    (lambda p: p.update(metrics=[]), "field 'metrics' must be a non-empty list"),
+    (lambda p: p["metrics"].append({"type": "loss", "value": 1.0}), "metric type 'loss' appears twice"),
 ])
 def test_bad_eval_results_are_rejected_naming_the_field(tmp_path, model_folder, mutate, message):
     folder = tmp_path / "copy"
@@ -307,7 +314,8 @@ def test_adapter_card_from_the_save_hook_has_tiers_privacy_and_health(tmp_path, 
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "peft" and data["base_model"] == BASE_ID and "dynamic-lora" in data["tags"]
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == EVAL_RESULTS["metrics"]
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        m["type"]: m["value"] for m in EVAL_RESULTS["metrics"]}
     assert "| context | 2 | 0.1 | session | private | no |" in card.text
     assert "| foundation | 8 | 0.99 | shared | public | yes |" in card.text
     assert "The tiers context are marked `private`" in card.text

@@ -14,24 +14,18 @@ The templates are rendered with jinja2 `StrictUndefined` (an undefined variable 
 YAML header comes from `huggingface_hub.ModelCardData`, and the result is parsed back with
 `huggingface_hub.ModelCard` and checked by `validate_card_metadata`.
 
-eval_results.json (schema "reso-hf/eval_results/v1"):
+eval_results.json (schema "reso-hf/eval_results/v1"; written by `reso-hf eval`, reso_hf/training/evaluate.py);
+the card reads and checks:
 
-    {
-      "schema": "reso-hf/eval_results/v1",            required
-      "dataset": {                                    required
-        "name": "openassistant-guanaco (test)",       required, human-readable
-        "id": "timdettmers/openassistant-guanaco",    Hub dataset id, or null for local files
-        "config": null,                               dataset configuration name or null
-        "split": "test",                              required
-        "revision": null                              dataset revision or null
-      },
-      "metrics": {"loss": 2.31, "perplexity": 10.07}, required, non-empty; finite numbers; "loss" is the
-                                                      mean cross-entropy in nats/token, "perplexity" = exp(loss);
-                                                      other names are allowed and reported as they are
-      "num_tokens": 123456,                           optional int: tokens scored
-      "created_at": "2025-01-01T00:00:00+00:00",      optional
-      "evaluated_by": "reso-hf eval"                  optional
-    }
+    schema      "reso-hf/eval_results/v1"                                   required
+    dataset     {"source": str (Hub id, local files or the bundled sample),  required
+                 "split": str,                                              required
+                 "id": Hub dataset id (optional; else source when it is one), "config", "revision" (optional)}
+    metrics     [{"type": "loss" | "perplexity" | ..., "name": str, "value": finite number}, ...]  required,
+                non-empty, types unique; "loss" is the mean cross-entropy in nats/token and, when both are
+                present, "perplexity" must equal exp(loss)
+    tokens      int, tokens scored (optional)
+    created_at, model, loss, perplexity, stability, samples: written by reso-hf eval, not read by the card
 
 run_summary.json (schema "reso-hf/run_summary/v1", defined in `reso_hf/training/reporting.py`); the card reads:
 
@@ -198,8 +192,8 @@ def validate_eval_results(payload: Any, source: str = EVAL_RESULTS_NAME) -> dict
         raise CardError(f"{source}: field 'schema' must be {EVAL_RESULTS_SCHEMA!r}, got {payload.get('schema')!r}")
     dataset = payload.get("dataset")
     if not isinstance(dataset, dict):
-        raise CardError(f"{source}: field 'dataset' must be an object with 'name' and 'split', got {dataset!r}")
-    for key in ("name", "split"):
+        raise CardError(f"{source}: field 'dataset' must be an object with 'source' and 'split', got {dataset!r}")
+    for key in ("source", "split"):
         if not isinstance(dataset.get(key), str) or not dataset[key]:
             raise CardError(f"{source}: field 'dataset.{key}' must be a non-empty string, got {dataset.get(key)!r}")
     for key in ("id", "config", "revision"):
@@ -211,20 +205,41 @@ def validate_eval_results(payload: Any, source: str = EVAL_RESULTS_NAME) -> dict
         except HFValidationError as error:
             raise CardError(f"{source}: field 'dataset.id' must be a Hub dataset id or null: {error}") from error
     metrics = payload.get("metrics")
-    if not isinstance(metrics, dict) or not metrics:
-        raise CardError(f"{source}: field 'metrics' must be a non-empty object of name: number, got {metrics!r}")
-    for name, value in metrics.items():
-        if not _finite_number(value):
-            raise CardError(f"{source}: metric {name!r} must be a finite number, got {value!r}")
-    if "loss" in metrics and "perplexity" in metrics:
-        expected = math.exp(min(metrics["loss"], 50.0))
-        if not math.isclose(metrics["perplexity"], expected, rel_tol=1e-4):
+    if not isinstance(metrics, list) or not metrics:
+        raise CardError(f"{source}: field 'metrics' must be a non-empty list of "
+                        f"{{'type', 'name', 'value'}} objects, got {metrics!r}")
+    values = {}
+    for index, metric in enumerate(metrics):
+        if not isinstance(metric, dict) or not isinstance(metric.get("type"), str) or not metric["type"]:
+            raise CardError(f"{source}: metrics[{index}] must be an object with a non-empty string 'type', got {metric!r}")
+        if metric["type"] in values:
+            raise CardError(f"{source}: metric type {metric['type']!r} appears twice in 'metrics'")
+        if not _finite_number(metric.get("value")):
+            raise CardError(f"{source}: metric {metric['type']!r} must have a finite number 'value', "
+                            f"got {metric.get('value')!r}")
+        if metric.get("name") is not None and not isinstance(metric["name"], str):
+            raise CardError(f"{source}: metric {metric['type']!r} has a non-string 'name' {metric['name']!r}")
+        values[metric["type"]] = metric["value"]
+    if "loss" in values and "perplexity" in values:
+        expected = math.exp(min(values["loss"], 50.0))
+        if not math.isclose(values["perplexity"], expected, rel_tol=1e-4):
             raise CardError(f"{source}: metric 'perplexity' must equal exp(loss) = {expected:.6g}, "
-                            f"got {metrics['perplexity']!r}")
-    num_tokens = payload.get("num_tokens")
-    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0):
-        raise CardError(f"{source}: field 'num_tokens' must be a non-negative integer or null, got {num_tokens!r}")
+                            f"got {values['perplexity']!r}")
+    tokens = payload.get("tokens")
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
+        raise CardError(f"{source}: field 'tokens' must be a non-negative integer or null, got {tokens!r}")
     return payload
+
+
+def _hub_dataset_id(source) -> Optional[str]:
+    """`source` when it is a Hub dataset id (not a local path or the bundled sample), else None."""
+    if not isinstance(source, str) or source.count("/") != 1 or os.path.exists(source):
+        return None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return source
 
 
 def load_run_summary(folder: str | os.PathLike) -> Optional[dict]:
@@ -291,24 +306,24 @@ def _training_context(summary: Optional[dict]) -> Optional[dict]:
 def _evaluation_context(results: Optional[dict]) -> Optional[dict]:
     if results is None:
         return None
-    metrics = [(name, f"{value:.4f}" if isinstance(value, float) else _fmt(value))
-               for name, value in results["metrics"].items()]
-    return {"dataset_name": results["dataset"]["name"], "split": results["dataset"]["split"],
-            "num_tokens": None if results.get("num_tokens") is None else _fmt(results["num_tokens"]),
-            "metrics": metrics}
+    metrics = [(m.get("name") or m["type"], f"{m['value']:.4f}" if isinstance(m["value"], float) else _fmt(m["value"]))
+               for m in results["metrics"]]
+    return {"dataset_name": _fmt(results["dataset"]["source"]), "split": results["dataset"]["split"],
+            "num_tokens": None if results.get("tokens") is None else _fmt(results["tokens"]), "metrics": metrics}
 
 
 def _eval_results_entries(results: Optional[dict], model_name: str) -> Optional[list[EvalResult]]:
     if results is None:
         return None
     dataset = results["dataset"]
+    dataset_id = dataset.get("id") or _hub_dataset_id(dataset["source"])
     return [
         EvalResult(task_type="text-generation", task_name="Causal language modeling",
-                   dataset_type=dataset.get("id") or dataset["name"], dataset_name=dataset["name"],
+                   dataset_type=dataset_id or "local", dataset_name=dataset["source"],
                    dataset_config=dataset.get("config"), dataset_split=dataset["split"],
-                   dataset_revision=dataset.get("revision"), metric_type=name, metric_name=name,
-                   metric_value=float(value))
-        for name, value in results["metrics"].items()
+                   dataset_revision=dataset.get("revision"), metric_type=metric["type"],
+                   metric_name=metric.get("name") or metric["type"], metric_value=float(metric["value"]))
+        for metric in results["metrics"]
     ]
 
 
@@ -316,16 +331,8 @@ def _training_datasets(summary: Optional[dict], extra: Optional[list[str]]) -> O
     datasets = list(extra or [])
     if summary is not None:
         data = summary["data"]
-        candidate = data.get("dataset_id")
-        if candidate is None:
-            source = data.get("source")
-            # A Hub id, not a local path or the bundled sample (those have no Hub page to link).
-            if isinstance(source, str) and source.count("/") == 1 and not os.path.exists(source):
-                try:
-                    validate_repo_id(source)
-                    candidate = source
-                except HFValidationError:
-                    candidate = None
+        # A Hub id, not a local path or the bundled sample (those have no Hub page to link).
+        candidate = data.get("dataset_id") or _hub_dataset_id(data.get("source"))
         if candidate and candidate not in datasets:
             datasets.append(candidate)
     return datasets or None

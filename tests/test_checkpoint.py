@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import micro_config
+from reso_test_models import micro_config
 from isolation import run_without_reso_hf
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 

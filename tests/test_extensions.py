@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import micro_config
+from reso_test_models import micro_config
 
 import reso_hf
 from reso_hf.modeling.primes import first_primes

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import micro_config
+from reso_test_models import micro_config
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, pipeline
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_SWITCHES, micro_config, micro_model, switch_id
+from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import micro_config, micro_model
+from reso_test_models import micro_config, micro_model
 from transformers.generation import GenerationMixin
 
 import reso_hf

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_config
+from reso_test_models import micro_config
 
 import reso_hf
 from reso_hf import GenerationResult, ResoAgentGroup, ResoLLMForCausalLM, ResoLLMInference

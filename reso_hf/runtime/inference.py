@@ -159,6 +159,9 @@ class ResoLLMInference:
                              f"{model.config.vocab_size}: build the model with vocab_size >= {len(tokenizer)}")
         self.tokenizer = tokenizer
         self.config = model.config
+        attach_tokenizer = getattr(model, "attach_tokenizer", None)
+        if attach_tokenizer is not None:
+            attach_tokenizer(tokenizer)  # goals, memories and concept names are encoded with it
         self.temperature = temperature
         self.do_sample = do_sample
         self.top_k = top_k
@@ -186,7 +189,7 @@ class ResoLLMInference:
                 "goal-guided generation needs ResoLLMForCausalLM.create_goal (agency, SPEC §3.6), which this "
                 "version of reso-hf does not provide yet"
             )
-        return create_goal(goal_description.strip(), goal_type=goal_type)
+        return create_goal(goal_description.strip(), goal_type=goal_type, tokenizer=self.tokenizer)
 
     def generate_with_goal(self, prompt: str, goal_description: str, max_length: int = 100,
                            goal_type: str = DEFAULT_GOAL_TYPE, **kwargs) -> GenerationResult:

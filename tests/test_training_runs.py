@@ -214,3 +214,83 @@ def test_accelerate_configs_load(name, kind):
 
     config = ClusterConfig.from_yaml_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.value == kind
+
+
+# ----------------------------------------------------------------------------------------------- eval, tokenizer, sft
+
+
+def save_micro_model(directory):
+    torch.manual_seed(0)
+    tokenizer = reso_hf.create_default_tokenizer()
+    config = reso_hf.tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 **json.loads(MICRO))
+    reso_hf.ResoLLMForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_eval_writes_eval_results_with_loss_perplexity_and_samples(tmp_path):
+    from reso_hf.cli import main
+
+    model_dir = save_micro_model(tmp_path / "model")
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": f"### Human: q{i}?### Assistant: answer {i}."}) + "\n"
+                            for i in range(6)) + json.dumps({"text": "no markers"}) + "\n")
+    assert main(["eval", "--model", model_dir, "--data", str(data), "--num_samples", "2", "--max_new_tokens", "4",
+                 "--block_size", "64"]) == 0
+    results = json.loads(Path(model_dir, "eval_results.json").read_text())
+    assert results["schema"] == "reso-hf/eval_results/v1"
+    assert results["dataset"]["rows"] == 7 and results["dataset"]["malformed_rows"] == 1
+    assert results["perplexity"] == pytest.approx(2.718281828 ** results["loss"])
+    assert [m["type"] for m in results["metrics"]] == ["loss", "perplexity"]
+    assert [s["prompt"] for s in results["samples"]] == ["q0?", "q1?"]
+    assert results["stability"]["count"] == 2  # ResoLLM telemetry through the local `stability` metric
+
+
+def test_train_tokenizer_command(tmp_path):
+    from transformers import AutoTokenizer
+
+    from reso_hf.cli import main
+
+    assert main(["train-tokenizer", "--vocab_size", "300", "--use_bundled_sample", "true",
+                 "--output_dir", str(tmp_path / "tok")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert 259 < len(tokenizer) <= 300 and tokenizer.decode(tokenizer("¿Qué?")["input_ids"]) == "¿Qué?"
+
+
+def test_sft_base_model_locations(tmp_path):
+    gguf = tmp_path / "SmolLM2.gguf"
+    gguf.write_bytes(b"")
+    assert sft.model_location(sft.SftArguments(base_model=str(gguf)))[1]["gguf_file"] == "SmolLM2.gguf"
+    assert sft.model_location(sft.SftArguments(base_model="org/model"))[0] == "org/model"
+    with pytest.raises(ValueError, match="--base_model is required"):
+        sft.model_location(sft.SftArguments())
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        sft.model_location(sft.SftArguments(base_model=str(tmp_path / "missing.gguf")))
+
+
+def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = reso_hf.create_default_tokenizer()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    arguments = parse_recipe(sft.ARGUMENT_TYPES, str(ROOT / "recipes/dynamic_lora/sft_guanaco.yaml"), [
+        "--base_model", str(tmp_path / "llama"), "--use_bundled_sample", "true", "--block_size", "64",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--max_train_samples", "20", "--max_eval_samples", "4",
+        "--dynamic_lora", json.dumps({"target_modules": ["q_proj", "v_proj"],
+                                      "tier_ranks": {"foundation": 4, "domain": 4, "swarm": 2, "agent": 2,
+                                                     "context": 2}})])
+    summary = sft.run(*arguments, quiet=True)
+    assert summary["kind"] == "sft" and summary["training"]["global_step"] == 3
+    assert 0 < summary["model"]["trainable_parameters"] < summary["model"]["parameters"]
+    assert summary["dynamic_lora"]["health"]["health"] in {"HEALTHY", "ACCEPTABLE", "DEGRADED", "CRITICAL"}
+    assert summary["data"]["assistant_only_loss"] is True
+    assert (tmp_path / "out" / "dynamic_lora_dynamics.png").stat().st_size > 0
+    assert (tmp_path / "out" / "adapter" / "dynamic_lora_state.safetensors").exists()

@@ -215,7 +215,8 @@ def test_audit_log_is_json_lines(tmp_path):
 
 
 def _resume_config():
-    return small_config(init_weights=False, autocorr_window=3, stable_windows=1, stability_threshold=0.05)
+    return small_config(init_weights=False, autocorr_window=2, stable_windows=1, stability_threshold=0.05,
+                        target_modules=["q_proj"])
 
 
 def _full_state(model):
@@ -231,22 +232,22 @@ def test_save_load_continue_is_bit_identical_to_uninterrupted_training(tmp_path)
 
     torch.manual_seed(1)
     straight, optimizer = fresh()
-    _train_steps(straight, optimizer, 5, first_seed=0)
+    _train_steps(straight, optimizer, 4, first_seed=0)
     straight.base_model.migrate(next(iter(straight.base_model.adapter_layers())), "context")
-    _train_steps(straight, optimizer, 6, first_seed=5)
+    _train_steps(straight, optimizer, 4, first_seed=4)
 
     torch.manual_seed(1)
     first, optimizer = fresh()
-    _train_steps(first, optimizer, 5, first_seed=0)
+    _train_steps(first, optimizer, 4, first_seed=0)
     first.base_model.migrate(next(iter(first.base_model.adapter_layers())), "context")
     first.save_pretrained(tmp_path)
     resumed = PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path, is_trainable=True)
     optimizer = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.05)
-    _train_steps(resumed, optimizer, 6, first_seed=5)
+    _train_steps(resumed, optimizer, 4, first_seed=4)
 
     params_a, tensors_a, payload_a = _full_state(straight)
     params_b, tensors_b, payload_b = _full_state(resumed)
-    assert payload_a["counters"]["migrations"] >= 1 and payload_a["step"] == 11
+    assert payload_a["counters"]["migrations"] >= 1 and payload_a["step"] == 8
     assert params_a.keys() == params_b.keys() and tensors_a.keys() == tensors_b.keys()
     for key in params_a:
         assert torch.equal(params_a[key], params_b[key]), key

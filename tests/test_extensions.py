@@ -239,3 +239,19 @@ def test_too_many_goals_is_an_error(tokenizer):
         model.create_goal(f"goal {i}")
     with pytest.raises(ValueError, match="agency.max_goals=3 goals are already active"):
         model.create_goal("one more")
+
+
+def test_entangled_agents_share_goals_and_memory(tokenizer):
+    entangled = {"entanglement": {"enabled": True, "node_id": "a"}}
+    first = extended_model(tokenizer, **entangled)
+    second = extended_model(tokenizer, seed=1, entanglement={"enabled": True, "node_id": "b"})
+    loner = extended_model(tokenizer, seed=2)
+    reso_hf.ResoAgentGroup([first, second, loner], tokenizer)
+    first.update_memory("The meeting is at noon.", importance=1.0)
+    second.create_goal("Plan the meeting")
+    assert second.reso_state is first.reso_state and loner.reso_state is not first.reso_state
+    assert [e.text for e in second.reso_state.memory.entries] == ["The meeting is at noon."]
+    assert [g.description for g in first.get_active_goals()] == ["Plan the meeting"]
+    assert loner.get_active_goals() == [] and loner.reso_state.memory.entries == []
+    second.reset_state()
+    assert first.get_active_goals() == [] and second.reso_state is first.reso_state

@@ -556,7 +556,7 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
 
     def reset_state(self) -> None:
         """Forget all state that outlives a call (goals, foci, bindings, memory, stability window)."""
-        self.reso_state = ResoState(self.config)
+        self.reso_state.clear()
         self._reset_generation_state()
 
     def _require(self, component: str, method: str) -> None:

@@ -128,11 +128,15 @@ class ResoState:
 
     def __init__(self, config):
         self.config = config
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything, in place (entangled agents holding this object stay entangled)."""
         self.goals: list[Goal] = []
         self.next_goal_id = 0
         self.foci: list[AttentionFocus] = []
         self.bindings: dict[str, ConceptBinding] = {}
-        smf = config.temporal_smf
+        smf = self.config.temporal_smf
         self.memory = MemoryStore(smf.memory_decay_rate, smf.max_moments, smf.importance_threshold)
         self.memory_context: list[MemoryEntry] = []
 

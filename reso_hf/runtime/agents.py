@@ -36,6 +36,9 @@ STRATEGIES = ("parallel", "sequential", "consensus")
 class ResoAgentGroup:
     """A group of `ResoLLMForCausalLM` agents sharing one tokenizer (hence one vocabulary).
 
+    Agents whose config has `entanglement.enabled` share one state (goals, memory, concept bindings):
+    what one agent stores, the others recall.
+
     Args:
         models: two or more `ResoLLMForCausalLM` (one is allowed: the group then acts alone).
         tokenizer: the shared tokenizer.
@@ -61,6 +64,20 @@ class ResoAgentGroup:
         self.models = models
         self.tokenizer = tokenizer
         self.names = list(names) if names is not None else [agent_name(m, i) for i, m in enumerate(models)]
+        self._entangle([m for m in models if m.config.entanglement.enabled])
+
+    @staticmethod
+    def _entangle(models) -> None:
+        """Agents with `entanglement.enabled` share one goal registry, memory and binding set (SPEC §3.11)."""
+        if len(models) < 2:
+            return
+        sizes = {m.config.hidden_size for m in models}
+        if len(sizes) != 1:
+            raise ValueError(f"entangled agents must have one hidden_size to share goal and memory vectors, "
+                             f"got {sorted(sizes)}")
+        shared = models[0].reso_state
+        for model in models[1:]:
+            model.reso_state = shared
 
     def generate(self, prompt: str, strategy: str = "consensus", max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

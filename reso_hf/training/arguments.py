@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -59,6 +60,12 @@ class DataArguments:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         if self.chat_template not in CHAT_TEMPLATE_CHOICES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE_CHOICES}, got {self.chat_template!r}")
+
+    def hub_dataset_id(self) -> str | None:
+        """The Hub dataset id when the data comes from the Hub (not local files, a folder or the sample)."""
+        if self.use_bundled_sample or self.data_files or os.path.isdir(self.dataset_name):
+            return None
+        return self.dataset_name
 
     def source(self) -> str:
         if self.use_bundled_sample:

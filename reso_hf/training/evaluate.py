@@ -7,7 +7,7 @@ when the model returns it). Writes `eval_results.json` (atomically).
     schema      "reso-hf/eval_results/v1"
     created_at  ISO-8601 UTC time
     model       the evaluated folder or Hub id
-    dataset     {"source", "split", "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss"}
+    dataset     {"source", "id" (Hub dataset id or null), "split", "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss"}
     metrics     [{"type": "loss" | "perplexity", "name": ..., "value": ...}]   (model-index style)
     loss, perplexity, tokens              (the same numbers, flat)
     stability   output of the local `stability` metric over the samples (ResoLLM only, else null)
@@ -109,7 +109,7 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
         "schema": EVAL_RESULTS_SCHEMA,
         "created_at": utc_now(),
         "model": eval_args.model,
-        "dataset": {"source": data_args.source(), "split": split, "rows": summary["rows"].get(split),
+        "dataset": {"source": data_args.source(), "id": data_args.hub_dataset_id(), "split": split, "rows": summary["rows"].get(split),
                     "malformed_rows": summary["malformed_rows"].get(split), "block_size": data_args.block_size,
                     "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss},
         "metrics": [{"type": "loss", "name": "held-out loss (nats/token)", "value": scores["loss"]},

@@ -6,7 +6,7 @@
     kind          "pretrain" | "sft"
     created_at    ISO-8601 UTC time
     model         {"model_type", "parameters", "trainable_parameters", "base_model" (sft), "preset" (pretrain)}
-    data          {"source", "block_size", "packing", "assistant_only_loss", "chat_template",
+    data          {"source", "dataset_id" (Hub id or null), "block_size", "packing", "assistant_only_loss", "chat_template",
                    "rows": {split: n}, "malformed_rows": {split: n}, "malformed_reasons": {split: {reason: n}},
                    "examples": {split: n}}
     training      {"global_step", "epoch", "train_loss", "train_runtime_s", "train_tokens", "world_size",
@@ -107,7 +107,7 @@ def run_summary(kind: str, trainer, train_result, eval_metrics: dict, data_args,
         "kind": kind,
         "created_at": utc_now(),
         "model": model_info,
-        "data": {"source": data_args.source(), "block_size": data_args.block_size, "packing": data_args.packing,
+        "data": {"source": data_args.source(), "dataset_id": data_args.hub_dataset_id(), "block_size": data_args.block_size, "packing": data_args.packing,
                  "assistant_only_loss": data_args.assistant_only_loss, "chat_template": data_args.chat_template,
                  **data_stats.to_dict()},
         "training": {"global_step": state.global_step, "epoch": state.epoch,

@@ -43,8 +43,14 @@ plain_lora's, and retention > 80%.
     python benchmarks/continual.py --quick          # a few minutes: indicative only
     python benchmarks/continual.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # any Hub id, folder or .gguf
 
-Writes benchmarks/results/continual[_quick].json, continual[_quick]_matrix_<method>.png and
-continual[_quick]_forgetting_vs_adaptation.png (atomically), and prints a markdown table.
+    python benchmarks/continual.py --replot benchmarks/results/continual_quick.json   # redraw PNGs only
+
+Writes benchmarks/results/continual[_quick].json, continual[_quick]_matrix_<method>.png,
+continual[_quick]_forgetting_vs_adaptation.png and continual[_quick]_dynamics.png (atomically), and prints a
+markdown table. "wall s" is the method's whole run: training plus its held-out evaluations.
+Default size: 16 steps x batch 4 x 192 tokens per task, 10 held-out examples per task (estimated from the
+quick run's step times at about 60 minutes on 2 uncontended CPU cores for the adapter methods; full fine-tuning
+costs several times an adapter method per step, --no-full-ft leaves it out).
 """
 
 from __future__ import annotations
@@ -416,6 +422,49 @@ def plot_tradeoff(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_dynamics(result: dict, path: Path, title: str) -> None:
+    """DynamicLoRA over the run: screened fraction per tier, cumulative migrations, health state."""
+    log = [entry for entry in result["dynamics"] if not entry.get("end_of_task")]
+    if not log:
+        raise ValueError(f"{result['method']}: no dynamics samples to plot")
+    x = list(range(1, len(log) + 1))
+    states = ["HEALTHY", "ACCEPTABLE", "DEGRADED", "CRITICAL"]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    for tier in log[0]["screened_fraction"]:
+        axes[0].plot(x, [e["screened_fraction"][tier] for e in log], label=tier)
+    axes[0].set_ylabel("screened fraction")
+    axes[0].legend(fontsize=7, ncol=5)
+    axes[1].plot(x, [e["counters"]["migrations"] for e in log], label="migrations")
+    axes[1].plot(x, [e["counters"]["rollbacks"] for e in log], label="rollbacks")
+    axes[1].set_ylabel("cumulative")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(x, [states.index(e["health"]) for e in log], drawstyle="steps-post")
+    axes[2].set_yticks(range(4), states, fontsize=7)
+    axes[2].set_ylabel("health")
+    boundaries = [i + 1 for i in range(1, len(log)) if log[i]["task"] != log[i - 1]["task"]]
+    for ax in axes:
+        for b in boundaries:
+            ax.axvline(b - 0.5, color="grey", lw=0.6, ls="--")
+    axes[2].set_xlabel("sample (every log_every steps; dashed lines: task boundaries)")
+    axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_plots(report: dict, stem: Path) -> None:
+    label = "quick mode (indicative only)" if report["mode"] == "quick" else "default size"
+    names = report["tasks"]
+    for name, result in report["results"].items():
+        plot_matrix(result, names, stem.parent / f"{stem.name}_matrix_{name}.png",
+                    f"{name}: held-out loss per task after each stage ({label})")
+    plot_tradeoff(report["results"], stem.parent / f"{stem.name}_forgetting_vs_adaptation.png",
+                  f"Forgetting vs adaptation, {report['model']} ({label})")
+    if "dynamic_on" in report["results"]:
+        plot_dynamics(report["results"]["dynamic_on"], stem.parent / f"{stem.name}_dynamics.png",
+                      f"DynamicLoRA (dynamics on) over the task sequence ({label})")
+
+
 def goal_check(results: dict) -> dict:
     if "dynamic_on" not in results or "plain_lora" not in results:
         return {"evaluated": False}
@@ -467,10 +516,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-gguf (default), a .gguf file, a folder or a Hub id")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="guanaco-format JSONL (field 'text')")
     parser.add_argument("--quick", action="store_true", help="a few minutes: few steps, short sequences, small eval sets")
-    parser.add_argument("--steps", type=int, help="optimizer steps per task (default 30; quick 5)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per task (default 16; quick 5)")
     parser.add_argument("--batch", type=int, help="training batch (default 4; quick 2)")
-    parser.add_argument("--seq", type=int, help="max tokens per example (default 256; quick 80)")
-    parser.add_argument("--eval-examples", type=int, help="held-out examples evaluated per task (default 16; quick 3)")
+    parser.add_argument("--seq", type=int, help="max tokens per example (default 192; quick 80)")
+    parser.add_argument("--eval-examples", type=int, help="held-out examples evaluated per task (default 10; quick 3)")
     parser.add_argument("--eval-batch", type=int, default=4)
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-4, help="adapter learning rate (all adapter methods)")
@@ -488,8 +537,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/continual[_quick])")
+    parser.add_argument("--replot", type=Path, default=None,
+                        help="redraw the PNGs and reprint the table from a JSON written earlier; trains nothing")
     args = parser.parse_args(argv)
-    size = {"steps": (5, 30), "batch": (2, 4), "seq": (80, 256), "eval_examples": (3, 16)}
+    size = {"steps": (5, 16), "batch": (2, 4), "seq": (80, 192), "eval_examples": (3, 10)}
     for name, (quick, default) in size.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
@@ -502,6 +553,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(args.replot.read_text(encoding="utf-8"))
+        write_plots(report, args.replot.with_suffix(""))
+        print(table(report["results"]))
+        return report
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
@@ -534,12 +590,8 @@ def main(argv=None) -> dict:
     stem = args.out
     atomic_write(stem.with_suffix(".json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
+    write_plots(report, stem)
     label = "quick mode (indicative only)" if args.quick else "default size"
-    for name, result in results.items():
-        plot_matrix(result, names, stem.parent / f"{stem.name}_matrix_{name}.png",
-                    f"{name}: held-out loss per task after each stage ({label})")
-    plot_tradeoff(results, stem.parent / f"{stem.name}_forgetting_vs_adaptation.png",
-                  f"Forgetting vs adaptation, {description} ({label})")
     print(f"\n### Continual learning, {label}\n")
     print(table(results))
     print(f"\ngoal: {json.dumps(report['goal'])}")

@@ -43,6 +43,8 @@ def micro_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
         model = reso_hf.ResoLLMForCausalLM(config).eval()
         # Kuramoto phases near zero at init would make the coupling trivial; widen them so tests see it.
         with torch.no_grad():
+            if model.model.prime_code is not None:  # zero at init: give it weights so tests see its effect
+                model.model.prime_code.proj.weight.normal_(0, 0.1)
             for layer in model.model.layers:
                 if layer.self_attn.kuramoto is not None:
                     layer.self_attn.kuramoto.phase_proj.weight.normal_(0, 1.0)

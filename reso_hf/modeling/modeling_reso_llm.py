@@ -385,6 +385,9 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
         # Non-persistent buffers are not in the checkpoint: recompute them whenever weights are initialised.
         if isinstance(module, ResoLLMPrimeCode):
             init.copy_(module.code_table, prime_code_table(module.vocab_size, module.code_dim))
+            # The code entries are O(1), so a default-initialised projection would add fixed noise
+            # several times larger than the learned embedding; start from zero and let training use it.
+            init.zeros_(module.proj.weight)
         elif isinstance(module, ResoLLMRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
         elif isinstance(module, ResoLLMKuramoto):

@@ -33,7 +33,7 @@ s = i + 1 after training task i). With T tasks:
   BWT          = mean_{j<T-1} (R[j+1][j] - R[T][j])                    (> 0: later tasks helped old ones)
   FWT          = mean_{j>0}   (R[0][j] - R[j][j])                      (> 0: earlier tasks helped new ones)
   retention    = mean_{j<T-1} (R[0][j] - R[T][j]) / (R[0][j] - R[j+1][j])  (share of the gain kept)
-  final avg    = mean_j R[T][j];   final new-task loss = R[T][T-1]
+  final avg    = mean_j R[T][j];   final new-task loss = R[T][T-1];   new-task gain = R[0][T-1] - R[T][T-1]
   adaptation   = per task, the first step at which the EMA of the training loss has covered 95% of its total
                  drop (first to final value); reported as the mean over tasks (fewer = faster).
 The issue's goal: forgetting(dynamic_on) <= 0.5 x forgetting(plain_lora) with final new-task loss within 5% of
@@ -369,6 +369,7 @@ def summarise(matrix: list[list[float]], adaptation: list[int]) -> dict:
         "retention_per_task": retention,
         "final_avg_loss": sum(final) / n,
         "final_new_task_loss": final[n - 1],
+        "new_task_gain": matrix[0][n - 1] - final[n - 1],
         "avg_adaptation_steps": sum(adaptation) / len(adaptation),
     }
 
@@ -471,12 +472,16 @@ def goal_check(results: dict) -> dict:
     dyn, plain = results["dynamic_on"], results["plain_lora"]
     ratio = dyn["avg_forgetting"] / plain["avg_forgetting"] if plain["avg_forgetting"] > 0 else float("nan")
     new_task = dyn["final_new_task_loss"] / plain["final_new_task_loss"]
+    gain = dyn["new_task_gain"] / plain["new_task_gain"] if plain["new_task_gain"] > 0 else float("nan")
     return {
         "evaluated": True,
         "forgetting_ratio_dynamic_vs_plain": ratio,
         "forgetting_ratio_ok": math.isfinite(ratio) and ratio <= 0.5,
         "new_task_loss_ratio_dynamic_vs_plain": new_task,
         "new_task_loss_ok": new_task <= 1.05,
+        # not part of the goal, but it tells whether "within 5%" means anything: the share of plain
+        # LoRA's loss reduction on the last task that DynamicLoRA achieves
+        "new_task_gain_ratio_dynamic_vs_plain": gain,
         "dynamic_retention": dyn["retention"],
         "retention_ok": dyn["retention"] > 0.8,
         "met": bool(math.isfinite(ratio) and ratio <= 0.5 and new_task <= 1.05 and dyn["retention"] > 0.8),
@@ -485,9 +490,9 @@ def goal_check(results: dict) -> dict:
 
 def table(results: dict) -> str:
     headers = ["method", "trainable params", "avg forgetting", "BWT", "FWT", "retention", "final avg loss",
-               "final new-task loss", "adapt. steps", "wall s"]
+               "final new-task loss", "new-task gain", "adapt. steps", "wall s"]
     rows = [[name, r["trainable_params"], r["avg_forgetting"], r["bwt"], r["fwt"], r["retention"],
-             r["final_avg_loss"], r["final_new_task_loss"], r["avg_adaptation_steps"], r["wall_s"]]
+             r["final_avg_loss"], r["final_new_task_loss"], r["new_task_gain"], r["avg_adaptation_steps"], r["wall_s"]]
             for name, r in results.items()]
     return markdown_table(headers, rows)
 
@@ -538,7 +543,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/continual[_quick])")
     parser.add_argument("--replot", type=Path, default=None,
-                        help="redraw the PNGs and reprint the table from a JSON written earlier; trains nothing")
+                        help="recompute the metrics from the stored matrices of an earlier JSON, rewrite it, "
+                             "redraw the PNGs and reprint the table; trains nothing")
     args = parser.parse_args(argv)
     size = {"steps": (5, 16), "batch": (2, 4), "seq": (80, 192), "eval_examples": (3, 10)}
     for name, (quick, default) in size.items():
@@ -555,8 +561,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.replot:
         report = json.loads(args.replot.read_text(encoding="utf-8"))
+        for result in report["results"].values():  # metrics are recomputed from the stored matrices
+            result.update(summarise(result["matrix"], result["adaptation_steps"]))
+        report["goal"] = goal_check(report["results"])
+        atomic_write(args.replot, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True),
+                                                                   encoding="utf-8"))
         write_plots(report, args.replot.with_suffix(""))
         print(table(report["results"]))
+        print(f"\ngoal: {json.dumps(report['goal'])}")
         return report
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

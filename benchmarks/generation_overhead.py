@@ -90,7 +90,13 @@ def run(args) -> dict:
         for name in VARIANTS:
             times[name].append(decode_seconds(name, models[name], prompt, args.new_tokens))
     batch = torch.randint(3, 32000, (8, 128), generator=torch.Generator().manual_seed(1))
-    training = {"llama": train_seconds(models["llama"], batch), "reso": train_seconds(models["reso_plain"], batch)}
+    torch.manual_seed(0)
+    # Extended mode in training: PRSC bank, goal prefix slots fed by goal dropout (one extra no-grad
+    # forward for the answer's mean hidden state), memory orientation.
+    extended_training = reso_hf.ResoLLMForCausalLM(reso_hf.tiny_config(
+        agency={"enabled": True}, prsc={"enabled": True}, temporal_smf={"enabled": True}))
+    training = {"llama": train_seconds(models["llama"], batch), "reso": train_seconds(models["reso_plain"], batch),
+                "reso_extended": train_seconds(extended_training, batch)}
     rows = {}
     plain = statistics.median(times["reso_plain"])
     for name in VARIANTS:
@@ -100,7 +106,8 @@ def run(args) -> dict:
     return {"config": "tiny_config() (vocab 32000, hidden 128, 4 layers, 4 heads, 2 kv heads)",
             "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "decode": rows,
-            "train_step_seconds": training, "train_step_ratio_reso_vs_llama": training["reso"] / training["llama"]}
+            "train_step_seconds": training, "train_step_ratio_reso_vs_llama": training["reso"] / training["llama"],
+            "train_step_ratio_extended_vs_llama": training["reso_extended"] / training["llama"]}
 
 
 def table(result) -> str:
@@ -111,7 +118,9 @@ def table(result) -> str:
     lines += ["", "| model | training step (8x128) s | ratio vs llama |", "|---|---|---|",
               f"| llama | {t['llama']:.3f} | 1.00x |",
               f"| reso (telemetry/extensions do not change training) | {t['reso']:.3f} | "
-              f"{result['train_step_ratio_reso_vs_llama']:.2f}x |"]
+              f"{result['train_step_ratio_reso_vs_llama']:.2f}x |",
+              f"| reso extended (agency with goal dropout, PRSC, memory) | {t['reso_extended']:.3f} | "
+              f"{result['train_step_ratio_extended_vs_llama']:.2f}x |"]
     return "\n".join(lines)
 
 
@@ -127,7 +136,7 @@ def plot(result, path):
     axes[0].set_title("greedy decode tokens/s (batch 1)")
     axes[0].tick_params(axis="x", labelsize=8)
     t = result["train_step_seconds"]
-    axes[1].bar(["llama", "reso"], [t["llama"], t["reso"]])
+    axes[1].bar(list(t), list(t.values()))
     axes[1].set_title("training step seconds (8x128)")
     figure.suptitle("Generation telemetry overhead, tiny_config, CPU float32, 1 thread")
     save_figure(figure, path)

@@ -144,6 +144,8 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     summary = json.loads((interrupted / "run_summary.json").read_text())
     assert summary["training"]["resumed_from"] == str(interrupted / survivors[-1])
     assert not (interrupted / ".staging").exists()
+    card = (interrupted / "model" / "README.md").read_text()  # written once the run summary exists
+    assert "reso-llm" in card and f"| optimizer steps | {summary['training']['global_step']} |" in card
     expected, actual = final_weights(reference), final_weights(interrupted)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -245,6 +247,13 @@ def test_eval_writes_eval_results_with_loss_perplexity_and_samples(tmp_path):
     assert [m["type"] for m in results["metrics"]] == ["loss", "perplexity"]
     assert [s["prompt"] for s in results["samples"]] == ["q0?", "q1?"]
     assert results["stability"]["count"] == 2  # ResoLLM telemetry through the local `stability` metric
+    # The model card is (re)written with the model-index taken from these measured results.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(model_dir, "README.md"))
+    metrics = card.data.eval_results
+    assert {m.metric_type: m.metric_value for m in metrics} == {"loss": results["loss"],
+                                                                  "perplexity": results["perplexity"]}
 
 
 def test_train_tokenizer_command(tmp_path):

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_colla
 from ..metrics import metric_path
 from .arguments import DataArguments, EvalArguments, parse_recipe
 from .data import IGNORE_INDEX, build_datasets, load_raw_splits, parse_guanaco, resolve_chat_template
+from ..hub import write_card
 from .reporting import utc_now, write_json
 
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -120,6 +121,8 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
     }
     output_file = eval_args.output_file or os.path.join(eval_args.model, EVAL_RESULTS_NAME)
     write_json(output_file, results)
+    if os.path.dirname(os.path.abspath(output_file)) == os.path.abspath(eval_args.model):
+        write_card(eval_args.model)  # the card's model-index comes from these measured results
     return results
 
 

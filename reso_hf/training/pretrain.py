@@ -29,6 +29,7 @@ from .. import modeling
 from ..modeling.tokenization_reso_llm import create_default_tokenizer, train_tokenizer
 from .arguments import DataArguments, PretrainArguments, json_mapping, parse_recipe
 from .data import build_datasets, load_raw_splits
+from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
 from .trainer import AtomicCheckpointTrainer, clean_staging
 
@@ -107,6 +108,7 @@ def run(model_args: PretrainArguments, data_args: DataArguments, training_args: 
                         f"ResoLLM ({model_args.model_preset}) pretraining")
         write_json(os.path.join(training_args.output_dir, RUN_SUMMARY_NAME), summary)
         write_json(os.path.join(model_dir, RUN_SUMMARY_NAME), summary)
+        write_card(model_dir)  # the save hook ran before the summary existed
     return summary
 
 

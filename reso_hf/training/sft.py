@@ -32,6 +32,7 @@ from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets
 from .pretrain import resume_checkpoint
+from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_bytes_atomic, write_json, write_loss_plot
 from .trainer import AtomicCheckpointTrainer, clean_staging
 
@@ -164,6 +165,11 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
         write_dynamics_plot(trainer.state.log_history, os.path.join(training_args.output_dir, DYNAMICS_PLOT_NAME))
         write_json(os.path.join(training_args.output_dir, RUN_SUMMARY_NAME), summary)
         write_json(os.path.join(adapter_dir, RUN_SUMMARY_NAME), summary)
+        if os.path.exists(sft_args.base_model):  # an adapter card must name its base model's Hub id
+            print(f"no adapter card written: the base model {sft_args.base_model!r} is a local path; "
+                  f"write one with `reso-hf card {adapter_dir} --base_model <hub id of the base>`")
+        else:
+            write_card(adapter_dir)  # the save hook ran before the summary existed
     return summary
 
 

@@ -210,19 +210,9 @@ class DynamicLoraLinear(nn.Module, DynamicLoraLayer):
     __repr__ = DynamicLoraLayer.__repr__
 
 
-class DynamicLoraConv1D(nn.Module, DynamicLoraLayer):
-    """DynamicLoRA around transformers' Conv1D (GPT-2), whose weight is stored transposed (in, out)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DynamicLoraConfig) -> None:
-        super().__init__()
-        DynamicLoraLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    # nn.Module comes first in the bases (so that its attribute machinery is used), which would make its
-    # placeholder forward win over the mixin's: point at the mixin's explicitly.
-    forward = DynamicLoraLayer.forward
-    __repr__ = DynamicLoraLayer.__repr__
+class DynamicLoraConv1D(DynamicLoraLinear):
+    """DynamicLoRA around transformers' Conv1D (GPT-2), whose weight is stored transposed (in, out);
+    `DynamicLoraLayer` reads the layout from the base layer, so the wrapper is the Linear one."""
 
 
 def create_dynamic_lora_module(target: nn.Module, adapter_name: str, config: DynamicLoraConfig) -> nn.Module:

@@ -17,8 +17,6 @@ from itertools import islice
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    PrinterCallback,
-    ProgressCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -31,7 +29,7 @@ from .arguments import DataArguments, PretrainArguments, json_mapping, parse_rec
 from .data import build_datasets, load_raw_splits
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
-from .trainer import AtomicCheckpointTrainer, clean_staging
+from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 ARGUMENT_TYPES = (PretrainArguments, DataArguments, TrainingArguments)
@@ -88,11 +86,7 @@ def run(model_args: PretrainArguments, data_args: DataArguments, training_args: 
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
-    if quiet:
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     model.config.use_cache = True
     model_dir = os.path.join(training_args.output_dir, "model")
     trainer.save_final_model(model_dir)

@@ -21,8 +21,6 @@ from peft import get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    PrinterCallback,
-    ProgressCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -34,7 +32,7 @@ from .data import build_datasets
 from .pretrain import resume_checkpoint
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_bytes_atomic, write_json, write_loss_plot
-from .trainer import AtomicCheckpointTrainer, clean_staging
+from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
 
 ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
 DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"
@@ -140,11 +138,7 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
         processing_class=tokenizer, data_collator=default_data_collator,
     )
     DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
-    if quiet:
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     base.config.use_cache = True
     adapter_dir = os.path.join(training_args.output_dir, "adapter")
     trainer.save_final_model(adapter_dir)

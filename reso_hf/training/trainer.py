@@ -25,6 +25,7 @@ import os
 import shutil
 
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -93,3 +94,17 @@ class AtomicCheckpointTrainer(Trainer):
             publish_directory(staging, target)
             clean_staging(self.args.output_dir)
         self.accelerator.wait_for_everyone()
+
+
+def train_and_evaluate(trainer: Trainer, checkpoint: str | None, quiet: bool):
+    """`trainer.train` (resuming from `checkpoint`) then `evaluate` when there is an eval set.
+
+    `quiet` drops the console printer and progress bar (the demo prints its own summary).
+    Returns `(train_result, eval_metrics)`.
+    """
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    return train_result, eval_metrics

@@ -25,7 +25,15 @@ Methods (same step budget per task, same optimizer and learning rate per family,
   lora_merge      PEFT LoRA of the same rank, merged into the base after each task and replaced by a fresh one;
   dynamic_on      DynamicLoRA, dynamic_step() after every optimizer step;
   dynamic_off     DynamicLoRA with dynamics_enabled=False (a static multi-tier LoRA: the ablation);
-  full_ft         full fine-tuning (reference; on by default when there is memory for it, --no-full-ft).
+  dynamic_v1      DynamicLoRA with the first release's mechanism (s_t = 1 for every tier, one decay rate for all
+                  tiers): the "before" of the mechanism changes this benchmark led to;
+  lora_low_lr     plain_lora at learning rate x --low-lr-scale (0.35: matched on the development runs to
+                  dynamic_on's mean training loss): does a method forget less only because it learns less?
+  full_ft         full fine-tuning (reference; in --quick when there is memory for it, otherwise --full-ft).
+Ablations of dynamic_on, one mechanism switched off each (--methods ablate_...): ablate_density (kappa = 0),
+ablate_migration, ablate_decay (both decay rates 0) and ablate_resonance (no vertical resonance).
+--split dev evaluates on a development part carved out of each train part instead of the held-out part: the
+mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
 Metrics: R[s][j] = held-out loss (mean per labelled token) on task j after stage s (s = 0 before any training,
 s = i + 1 after training task i). With T tasks:
@@ -44,6 +52,9 @@ plain_lora's, and retention > 80%.
     python benchmarks/continual.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # any Hub id, folder or .gguf
 
     python benchmarks/continual.py --replot benchmarks/results/continual_quick.json   # redraw PNGs only
+    python benchmarks/continual.py --split dev --methods dynamic_on ablate_density ablate_migration \
+        ablate_decay ablate_resonance                 # the ablations, on the development parts
+    python benchmarks/continual.py --methods dynamic_on --reuse earlier.json   # finished methods come from earlier
 
 Writes benchmarks/results/continual[_quick].json, continual[_quick]_matrix_<method>.png,
 continual[_quick]_forgetting_vs_adaptation.png and continual[_quick]_dynamics.png (atomically), and prints a
@@ -92,7 +103,22 @@ from reso_hf.training.data import (  # noqa: E402
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "guanaco" / "openassistant_best_replies_eval.jsonl"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LANGUAGES = ["english", "spanish", "russian", "other"]
-METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "full_ft"]
+METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "full_ft", "lora_low_lr"]
+# DynamicLoRA variants: config overrides on top of the benchmark's DynamicLoraConfig
+DYNAMIC_VARIANTS = {
+    "dynamic_on": {},
+    "dynamic_off": {"dynamics_enabled": False},
+    # the first release's mechanism: s_t = 1 for every tier, the same decay for every tier
+    "dynamic_v1": {"tier_alpha": "rank", "decay_follows_inertia": False},
+    # ablations of dynamic_on, one mechanism at a time
+    "ablate_density": {"density_coupling": 0.0},
+    "ablate_migration": {"migration_enabled": False},
+    "ablate_decay": {"free_decay": 0.0, "screened_decay": 0.0},
+    "ablate_resonance": {"vertical_resonance": False},
+}
+ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
+ALL_METHODS = METHODS + ["dynamic_v1"] + ABLATIONS
+DEFAULT_METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "dynamic_v1", "lora_low_lr"]
 COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
 
 # Function words that are (nearly) exclusive to one language; shared ones (de, la, que, en, ...) are left out
@@ -171,6 +197,15 @@ def split(items: list, held_out_fraction: float, seed: int) -> tuple[list, list]
     return items[n_held:], items[:n_held]
 
 
+def train_and_evaluation_parts(items: list, args) -> tuple[list, list]:
+    """(train, evaluated): the held-out part, or with --split dev a development part carved out of the train part
+    (the held-out part is then never touched: development runs choose mechanisms without seeing it)."""
+    train, held_out = split(items, args.held_out_fraction, args.seed)
+    if args.split == "dev":
+        return split(train, args.held_out_fraction, args.seed + 1)
+    return train, held_out
+
+
 def build_tasks(args, tokenizer) -> tuple[list[dict], dict]:
     """[{name, train: [(ids, labels)], held_out: [(ids, labels)]}] and a description of the data."""
     template = resolve_chat_template(tokenizer, args.chat_template)
@@ -190,11 +225,11 @@ def build_tasks(args, tokenizer) -> tuple[list[dict], dict]:
     for lang in LANGUAGES:
         if len(by_language[lang]) < 4:
             raise ValueError(f"only {len(by_language[lang])} {lang} rows in {args.data}: too few for a task")
-        train, held = split(by_language[lang], args.held_out_fraction, args.seed)
+        train, held = train_and_evaluation_parts(by_language[lang], args)
         tasks.append({"name": lang, "train": tokenized(train), "held_out": tokenized(held)[: args.eval_examples]})
     if args.shakespeare:
         passages, source = shakespeare_passages(args.shakespeare_lines)
-        train, held = split(passages, args.held_out_fraction, args.seed)
+        train, held = train_and_evaluation_parts(passages, args)
         eos = tokenizer.eos_token_id
 
         def plain(docs):
@@ -261,11 +296,16 @@ def steps_to_95(losses: list[float], ema: float = 0.7) -> int:
     return next(i + 1 for i, v in enumerate(smoothed) if v <= target)
 
 
-def dynamic_config(args, dynamics: bool):
-    return reso_hf.DynamicLoraConfig(
-        task_type="CAUSAL_LM", target_modules=list(ATTENTION), tier_ranks=dict(args.tier_ranks),
-        dynamics_enabled=dynamics, autocorr_window=args.autocorr_window,
-    )
+def dynamic_config(args, variant: str = "dynamic_on"):
+    overrides = dict(DYNAMIC_VARIANTS[variant])
+    config = reso_hf.DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=list(ATTENTION),
+                                       tier_ranks=dict(args.tier_ranks), autocorr_window=args.autocorr_window)
+    if overrides.pop("tier_alpha", None) == "rank":
+        overrides["tier_alpha"] = {t: float(config.rank_of(t)) for t in config.tiers}
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    config._validate()
+    return config
 
 
 def lora_config(rank: int):
@@ -293,17 +333,17 @@ def dynamic_snapshot(model) -> dict:
 def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int) -> dict:
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
-    if method in ("plain_lora", "lora_merge"):
+    if method in ("plain_lora", "lora_merge", "lora_low_lr"):
         model = get_peft_model(model, lora_config(total_rank))
-    elif method in ("dynamic_on", "dynamic_off"):
-        model = get_peft_model(model, dynamic_config(args, dynamics=method == "dynamic_on"))
+    elif method in DYNAMIC_VARIANTS:
+        model = get_peft_model(model, dynamic_config(args, method))
     elif method == "full_ft":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         raise ValueError(f"unknown method {method!r}")
     model.train()
-    lr = args.full_ft_lr if method == "full_ft" else args.lr
+    lr = {"full_ft": args.full_ft_lr, "lora_low_lr": args.lr * args.low_lr_scale}.get(method, args.lr)
     n_trainable = trainable(model)
     matrix = [[held_out_loss(model, t["held_out"], pad_id, args.eval_batch) for t in tasks]]
     train_losses, adaptation, dynamics_log = [], [], []
@@ -325,13 +365,13 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
-            if method == "dynamic_on":
+            if method in DYNAMIC_VARIANTS:  # a no-op under dynamics_enabled=False, as in DynamicLoraCallback
                 model.base_model.dynamic_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            if method.startswith("dynamic_") and (step + 1) % args.log_every == 0:
+            if method in DYNAMIC_VARIANTS and (step + 1) % args.log_every == 0:
                 dynamics_log.append({"task": task["name"], "step": step + 1, **dynamic_snapshot(model)})
-        if method.startswith("dynamic_"):
+        if method in DYNAMIC_VARIANTS:
             dynamics_log.append({"task": task["name"], "step": args.steps, "end_of_task": True,
                                  **dynamic_snapshot(model)})
         train_losses.append(losses)
@@ -529,13 +569,25 @@ def parse_args(argv=None):
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-4, help="adapter learning rate (all adapter methods)")
     parser.add_argument("--full-ft-lr", type=float, default=2e-5)
+    parser.add_argument("--low-lr-scale", type=float, default=0.35,
+                        help="lora_low_lr's learning rate / --lr (matched on the dev split to dynamic_on's mean "
+                             "training loss)")
     parser.add_argument("--tiers", choices=["default", "compact"], default="compact",
                         help="DynamicLoRA tier ranks: default 64/32/16/8/4 or compact 16/8/4/2/1 (total rank 31)")
     parser.add_argument("--autocorr-window", type=int, help="DynamicLoRA autocorr_window (default steps // 5, >= 2)")
     parser.add_argument("--log-every", type=int, help="DynamicLoRA health sample interval (default steps // 5)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
-    parser.add_argument("--full-ft", dest="full_ft", action="store_true", default=None)
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=DEFAULT_METHODS,
+                        help=f"default {DEFAULT_METHODS}; also dynamic_v1 (the first release's mechanism) and the "
+                             f"ablations {ABLATIONS}")
+    parser.add_argument("--full-ft", dest="full_ft", action="store_true", default=None,
+                        help="add full fine-tuning (default: on in --quick when memory allows, off at default size, "
+                             "where it would take hours on CPU)")
     parser.add_argument("--no-full-ft", dest="full_ft", action="store_false")
+    parser.add_argument("--split", choices=["held_out", "dev"], default="held_out",
+                        help="evaluate on the held-out parts (reporting) or on a development part carved out of the "
+                             "train parts (choosing mechanisms; the held-out parts stay unseen)")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[],
+                        help="take finished methods from earlier JSON reports with the same settings")
     parser.add_argument("--no-shakespeare", dest="shakespeare", action="store_false")
     parser.add_argument("--shakespeare-lines", type=int, default=12)
     parser.add_argument("--chat-template", default="auto", choices=["auto", "model", "guanaco"])
@@ -553,8 +605,50 @@ def parse_args(argv=None):
     args.autocorr_window = args.autocorr_window or max(2, args.steps // 5)
     args.log_every = args.log_every or max(1, args.steps // 5)
     args.tier_ranks = COMPACT_RANKS if args.tiers == "compact" else {}
-    args.out = args.out or RESULTS / ("continual_quick" if args.quick else "continual")
+    args.out = args.out or RESULTS / ("continual" + ("_quick" if args.quick else "") + ("_dev" if args.split == "dev" else ""))
     return args
+
+
+# settings that change the measured numbers: results of two runs can be combined only when these agree
+FINGERPRINT = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "eval_batch", "held_out_fraction",
+               "lr", "tiers", "autocorr_window", "shakespeare", "shakespeare_lines", "chat_template", "seed"]
+METHOD_SETTINGS = {"lora_low_lr": ["low_lr_scale"], "full_ft": ["full_ft_lr"]}
+
+
+def fingerprint(settings: dict, method: str) -> dict:
+    keys = FINGERPRINT + METHOD_SETTINGS.get(method, [])
+    return {key: settings.get(key, "held_out" if key == "split" else None) for key in keys}
+
+
+def reused_results(paths: list[Path], settings: dict, wanted: list[str]) -> dict:
+    """Finished methods of earlier runs with the same settings (a long run can be split across processes)."""
+    results = {}
+    for path in paths:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        for method, result in earlier["results"].items():
+            if method not in wanted or method in results:
+                continue
+            then, now = fingerprint(earlier["settings"], method), fingerprint(settings, method)
+            if then != now:
+                differ = {k: (then[k], now[k]) for k in now if then[k] != now[k]}
+                raise ValueError(f"--reuse {path}: {method} ran with other settings (earlier, now): {differ}")
+            results[method] = result
+    return results
+
+
+def write_report(args, description: str, data_info: dict, names: list[str], results: dict, total_rank: int) -> dict:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["reuse"] = [str(p) for p in args.reuse]
+    report = {
+        "benchmark": "continual", "mode": "quick" if args.quick else "default", "model": description,
+        "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
+        "settings": settings, "data": data_info, "tasks": names, "total_rank": total_rank,
+        "metric_definitions": __doc__.split("Metrics:")[1].split("The issue's goal")[0].strip(),
+        "results": results, "goal": goal_check(results),
+    }
+    atomic_write(args.out.with_suffix(".json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
+    return report
 
 
 def main(argv=None) -> dict:
@@ -579,35 +673,31 @@ def main(argv=None) -> dict:
         p.requires_grad_(False)
     tasks, data_info = build_tasks(args, tokenizer)
     names = [t["name"] for t in tasks]
-    methods = args.methods or METHODS
+    methods = list(args.methods)
     if args.full_ft is None:
-        args.full_ft = enough_memory_for_full_ft(base)
+        args.full_ft = args.quick and enough_memory_for_full_ft(base)
+    if args.full_ft and "full_ft" not in methods:
+        methods.append("full_ft")
     if not args.full_ft:
         methods = [m for m in methods if m != "full_ft"]
-    total_rank = dynamic_config(args, True).total_rank
-    print(f"model {description}; tasks {data_info['tasks']}; methods {methods}; total rank {total_rank}", flush=True)
-    results = {}
-    for method in tqdm(methods, desc="methods"):
+    total_rank = dynamic_config(args).total_rank
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results = reused_results(args.reuse, settings, methods)
+    print(f"model {description}; split {args.split}; tasks {data_info['tasks']}; methods {methods} "
+          f"(reused: {sorted(results)}); total rank {total_rank}", flush=True)
+    for method in tqdm([m for m in methods if m not in results], desc="methods"):
         results[method] = run_method(method, base, tasks, args, pad_id, total_rank)
         print(f"{method}: forgetting {results[method]['avg_forgetting']:.4f}, final avg "
               f"{results[method]['final_avg_loss']:.4f}, {results[method]['wall_s']:.0f} s", flush=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {
-        "benchmark": "continual", "mode": "quick" if args.quick else "default", "model": description,
-        "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-        "settings": settings, "data": data_info, "tasks": names, "total_rank": total_rank,
-        "metric_definitions": __doc__.split("Metrics:")[1].split("The issue's goal")[0].strip(),
-        "results": results, "goal": goal_check(results),
-    }
-    stem = args.out
-    atomic_write(stem.with_suffix(".json"),
-                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
-    write_plots(report, stem)
+        write_report(args, description, data_info, names, results, total_rank)  # a crash loses no finished method
+    results = {m: results[m] for m in methods}
+    report = write_report(args, description, data_info, names, results, total_rank)
+    write_plots(report, args.out)
     label = "quick mode (indicative only)" if args.quick else "default size"
-    print(f"\n### Continual learning, {label}\n")
+    print(f"\n### Continual learning, {label}, {args.split} split\n")
     print(table(results))
     print(f"\ngoal: {json.dumps(report['goal'])}")
-    print(f"wrote {stem.with_suffix('.json')}")
+    print(f"wrote {args.out.with_suffix('.json')}")
     return report
 
 

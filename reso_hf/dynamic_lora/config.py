@@ -119,8 +119,14 @@ class DynamicLoraConfig(PeftConfig):
     tier_inertia: dict[str, float] = _field(
         {}, f"Base inertia alpha_base per tier, in [0, 1) (overrides of {DEFAULT_TIER_INERTIA})."
     )
+    alpha: Optional[float] = _field(
+        None,
+        "Scaling numerator shared by the tiers, as LoRA's lora_alpha: s_t = alpha / rank_t, so that a tier moves the "
+        "adapted function as fast per unit of learning rate whatever its rank (a rank-1 fast tier is not 64x "
+        "slower than the rank-64 foundation). None: the largest tier rank (that tier has s = 1). > 0.",
+    )
     tier_alpha: dict[str, float] = _field(
-        {}, "Scaling numerator per tier: s_t = tier_alpha[t] / rank_t (default: alpha = rank, so s_t = 1)."
+        {}, "Scaling numerator per tier, overriding alpha: s_t = tier_alpha[t] / rank_t (alpha = rank gives s_t = 1)."
     )
     tier_privacy: dict[str, str] = _field(
         {},
@@ -147,6 +153,12 @@ class DynamicLoraConfig(PeftConfig):
     )
     screened_decay: float = _field(1e-4, "Per-step decay toward init of SCREENED elements, in [0, 1].")
     free_decay: float = _field(1e-2, "Per-step decay toward init of FREE elements, in [0, 1].")
+    decay_follows_inertia: bool = _field(
+        True,
+        "Scale a tier's per-step decay by (1 - alpha_eff) like its gradient updates (inertia is a tier's resistance "
+        "to any change), so that slow tiers keep what they hold on their own time scale. False applies the same "
+        "decay to every tier (first release; the continual benchmark showed slow tiers losing migrated patterns).",
+    )
     homeostasis_upper: float = _field(0.7, "tau *= homeostasis_up_factor when the screened fraction exceeds this.")
     homeostasis_lower: float = _field(0.4, "tau *= homeostasis_down_factor when the screened fraction is below.")
     homeostasis_up_factor: float = _field(1.1, "Multiplier of tau when too many elements are screened; > 1.")
@@ -286,6 +298,8 @@ class DynamicLoraConfig(PeftConfig):
         check_range("hysteresis_ratio", 0.0, 1.0, low_open=True)
         check_range("screened_decay", 0.0, 1.0)
         check_range("free_decay", 0.0, 1.0)
+        if self.alpha is not None:
+            check_range("alpha", 0.0, inf, low_open=True)
         check_range("homeostasis_lower", 0.0, 1.0)
         check_range("homeostasis_upper", 0.0, 1.0)
         if self.homeostasis_lower > self.homeostasis_upper:
@@ -328,7 +342,8 @@ class DynamicLoraConfig(PeftConfig):
         return float(self.tier_inertia.get(tier, DEFAULT_TIER_INERTIA[tier]))
 
     def scaling_of(self, tier: str) -> float:
-        return float(self.tier_alpha.get(tier, self.rank_of(tier))) / self.rank_of(tier)
+        shared = self.alpha if self.alpha is not None else max(self.rank_of(t) for t in self.tiers)
+        return float(self.tier_alpha.get(tier, shared)) / self.rank_of(tier)
 
     def privacy_of(self, tier: str) -> str:
         return self.tier_privacy.get(tier, "public")

@@ -355,6 +355,8 @@ class AdapterDynamics:
                     # free_decay + screened * (screened_decay - free_decay), applied to theta - init
                     decay = screened.to(param.dtype).mul_(config.screened_decay - config.free_decay)
                     decay.add_(config.free_decay)
+                    if config.decay_follows_inertia:
+                        decay.mul_(1.0 - tier_state.alpha_eff)
                     param.sub_(decay.mul_(param - init))
         changed = {}
         for tier in self.tiers:

@@ -163,3 +163,25 @@ def test_trainer_runs_the_callback_after_every_optimizer_step(tmp_path):
     health = model.base_model.health()
     assert health["health"] in ("HEALTHY", "ACCEPTABLE", "DEGRADED")
     assert health["step"] == 6
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_decay_of_a_tier_follows_its_inertia(follows):
+    """No update and no importance: every element is FREE and B decays toward 0 at free_decay * (1 - alpha)."""
+    model = get_peft_model(tiny_llama(), small_config(init_weights=False, density_coupling=0.0,
+                                                      vertical_resonance=False, migration_enabled=False,
+                                                      decay_follows_inertia=follows))
+    config = model.peft_config["default"]
+    layers = model.base_model.adapter_layers()
+    before = {(n, t): layer.dynamic_lora_B["default"][t].detach().clone()
+              for n, layer in layers.items() for t in config.tiers}
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    model.base_model.dynamic_step()
+    for (name, tier), old in before.items():
+        new = layers[name].dynamic_lora_B["default"][tier].detach()
+        rate = config.free_decay * ((1.0 - config.inertia_of(tier)) if follows else 1.0)
+        torch.testing.assert_close(new, (1.0 - rate) * old, rtol=1e-6, atol=1e-9)
+    # the foundation tier (alpha 0.99) keeps 99.99% per step when decay follows inertia, 99% otherwise
+    assert config.inertia_of("foundation") == pytest.approx(0.99)

@@ -249,3 +249,22 @@ def test_works_on_reso_llm(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
         merged = loaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tier_scaling_is_alpha_over_rank_with_the_largest_rank_as_default_alpha():
+    config = small_config()  # ranks 8/4/4/2/2
+    assert {t: config.scaling_of(t) for t in config.tiers} == {
+        "foundation": 1.0, "domain": 2.0, "swarm": 2.0, "agent": 4.0, "context": 4.0}
+    config = small_config(alpha=2.0, tier_alpha={"context": 1.0})
+    assert config.scaling_of("foundation") == 0.25 and config.scaling_of("context") == 0.5
+    with pytest.raises(ValueError, match=r"DynamicLoraConfig.alpha must be in \(0.0, inf\], got -1"):
+        small_config(alpha=-1.0)
+    # the tier factors are scaled in the forward pass: y - W0 x = sum_t s_t B_t A_t x
+    model = get_peft_model(tiny_llama(), small_config(init_weights=False))
+    layer = next(iter(model.base_model.adapter_layers().values()))
+    x = torch.randn(3, layer.in_features)
+    default = small_config()
+    expected = sum(default.scaling_of(t) * x @ layer.dynamic_lora_A["default"][t].T @ layer.dynamic_lora_B["default"][t].T
+                   for t in default.tiers)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.get_base_layer()(x), expected, rtol=1e-5, atol=1e-6)

@@ -31,7 +31,8 @@ Methods (same step budget per task, same optimizer and learning rate per family,
                   dynamic_on's mean training loss): does a method forget less only because it learns less?
   full_ft         full fine-tuning (reference; in --quick when there is memory for it, otherwise --full-ft).
 Ablations of dynamic_on, one mechanism switched off each (--methods ablate_...): ablate_density (kappa = 0),
-ablate_migration, ablate_decay (both decay rates 0) and ablate_resonance (no vertical resonance).
+ablate_migration, ablate_decay (both decay rates 0), ablate_resonance (no vertical resonance) and
+ablate_decay_inertia (every tier decays at the same rate, as in dynamic_v1).
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
@@ -108,13 +109,16 @@ METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "full_ft", "
 DYNAMIC_VARIANTS = {
     "dynamic_on": {},
     "dynamic_off": {"dynamics_enabled": False},
-    # the first release's mechanism: s_t = 1 for every tier, the same decay for every tier
-    "dynamic_v1": {"tier_alpha": "rank", "decay_follows_inertia": False},
+    # the first release's mechanism: s_t = 1 for every tier, the same decay for every tier, density from the
+    # factor gradients
+    "dynamic_v1": {"tier_alpha": "rank", "decay_follows_inertia": False, "density_gradient": "factors"},
     # ablations of dynamic_on, one mechanism at a time
     "ablate_density": {"density_coupling": 0.0},
+    "ablate_density_factors": {"density_gradient": "factors"},  # the first release's density measure
     "ablate_migration": {"migration_enabled": False},
     "ablate_decay": {"free_decay": 0.0, "screened_decay": 0.0},
     "ablate_resonance": {"vertical_resonance": False},
+    "ablate_decay_inertia": {"decay_follows_inertia": False},
 }
 ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
 ALL_METHODS = METHODS + ["dynamic_v1"] + ABLATIONS

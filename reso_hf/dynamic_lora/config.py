@@ -44,6 +44,7 @@ TIER_SCOPES: dict[str, str] = {
     "context": "session",
 }
 ALLOWED_PRIVACY: tuple[str, ...] = ("public", "team_shared", "private")
+DENSITY_GRADIENTS: tuple[str, ...] = ("delta_w", "factors")
 
 # Bandwidth is keyed by the SOURCE tier of a migration channel (source -> next slower tier).
 DEFAULT_MIGRATION_BANDWIDTH: dict[str, float] = {
@@ -142,6 +143,13 @@ class DynamicLoraConfig(PeftConfig):
         1.0, "kappa in alpha_eff = alpha_base + (1 - alpha_base) tanh(kappa max(0, rho - 1)); >= 0."
     )
     density_ema_beta: float = _field(0.9, "EMA factor for the per-tier gradient norm behind rho, in [0, 1).")
+    density_gradient: str = _field(
+        "delta_w",
+        "Gradient behind rho_t = n_agents(t) EMA(||grad||) / mean: 'delta_w', the gradient of the tier's delta W "
+        "(SPEC §5.2; the same for every tier of a module, since y = W0 x + sum_t dW_t x, so only the number of "
+        "agents sharing a tier sets its density) or 'factors', the norm of the A and B gradients (first release: it "
+        "grows with the tier's rank and scaling, and made the rank-1 context tier the slowest but one).",
+    )
 
     # ----- phases (§5.3) -----------------------------------------------------------------------------------
     importance_beta: float = _field(0.85, "EMA factor beta of the importance I <- beta I + (1-beta)|theta*grad|.")
@@ -293,6 +301,9 @@ class DynamicLoraConfig(PeftConfig):
         check_range("dropout", 0.0, 1.0, high_open=True)
         check_range("density_coupling", 0.0, inf)
         check_range("density_ema_beta", 0.0, 1.0, high_open=True)
+        if self.density_gradient not in DENSITY_GRADIENTS:
+            raise ValueError(f"DynamicLoraConfig.density_gradient must be one of {list(DENSITY_GRADIENTS)}, "
+                             f"got {self.density_gradient!r}.")
         check_range("importance_beta", 0.0, 1.0, high_open=True)
         check_range("screening_threshold", 0.0, inf, low_open=True)
         check_range("hysteresis_ratio", 0.0, 1.0, low_open=True)

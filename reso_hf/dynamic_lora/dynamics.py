@@ -4,7 +4,7 @@
 
 1. non-finite check: NaN/Inf in any tier -> CRITICAL, every tier is restored to the last good values
    (the anchors of the previous step), non-finite optimizer state of the factors is zeroed, step ends;
-2. interaction density rho_t and effective inertia alpha_eff,t from the tiers' gradient norms;
+2. interaction density rho_t (agents sharing the tier x gradient norm) and effective inertia alpha_eff,t;
 3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW;
    conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
 4. inertia: theta <- theta_old + (1 - alpha_eff) * damping * (theta_new - theta_old);
@@ -267,7 +267,8 @@ class AdapterDynamics:
                 state.grad_norm_ema = norm
                 state.grad_norm_seen = seen_gradient
             agents = world_size if (active and config.scope_of(tier) in ("shared", "swarm")) else 1
-            raw_density[tier] = agents * state.grad_norm_ema
+            # 'delta_w': ||dL/d dW_t|| is the same for every tier (all tiers adapt the same modules) and cancels
+            raw_density[tier] = agents * (state.grad_norm_ema if config.density_gradient == "factors" else 1.0)
         mean_density = sum(raw_density.values()) / len(raw_density)
         for tier in self.tiers:
             state = self.tier_states[tier]

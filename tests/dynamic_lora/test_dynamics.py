@@ -49,8 +49,10 @@ def test_inertia_099_moves_one_percent_as_far_as_inertia_0(optimizer_name):
 
 
 def test_interaction_density_raises_effective_inertia_by_the_formula():
+    """density_gradient='factors' (first release): rho from the norms of the factor gradients."""
     model = get_peft_model(tiny_llama(), small_config(init_weights=False, free_decay=0.0, screened_decay=0.0,
-                                                     vertical_resonance=False, migration_enabled=False))
+                                                     vertical_resonance=False, migration_enabled=False,
+                                                     density_gradient="factors"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     ids = batch()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -71,6 +73,35 @@ def test_interaction_density_raises_effective_inertia_by_the_formula():
         assert values["alpha_eff"] == pytest.approx(expected, rel=1e-6)
         assert values["alpha_eff"] >= config.inertia_of(tier)
     assert any(v["density"] > 1 for v in metrics["tiers"].values())
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_density_of_delta_w_counts_the_agents_sharing_a_tier(monkeypatch, world_size):
+    """density_gradient='delta_w' (SPEC §5.2): dL/d dW_t is the same for every tier of a module, so rho_t is
+    n_agents(t) / mean: 1 everywhere in one process; under 4 ranks the shared tiers get 4 / 2.8."""
+    import reso_hf.dynamic_lora.dynamics as dynamics_module
+
+    monkeypatch.setattr(dynamics_module, "distributed_world", lambda: (world_size > 1, world_size, 0))
+    model = get_peft_model(tiny_llama(), small_config(init_weights=False, vertical_resonance=False,
+                                                     migration_enabled=False))
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    metrics = model.base_model.dynamic_step()
+    config = model.peft_config["default"]
+    agents = {t: (world_size if config.scope_of(t) in ("shared", "swarm") else 1) for t in config.tiers}
+    mean = sum(agents.values()) / len(agents)
+    for tier, values in metrics["tiers"].items():
+        rho = agents[tier] / mean
+        assert values["density"] == pytest.approx(rho, rel=1e-9)
+        expected = config.inertia_of(tier) + (1 - config.inertia_of(tier)) * math.tanh(max(0.0, rho - 1.0))
+        assert values["alpha_eff"] == pytest.approx(expected, rel=1e-9)
+    if world_size == 1:
+        assert all(v["alpha_eff"] == pytest.approx(config.inertia_of(t)) for t, v in metrics["tiers"].items())
+    else:  # the rank-8 per-agent tiers keep their base inertia; the shared ones slow down
+        assert metrics["tiers"]["agent"]["alpha_eff"] == pytest.approx(0.5)
+        assert metrics["tiers"]["swarm"]["alpha_eff"] > 0.8
+    with pytest.raises(ValueError, match=r"density_gradient must be one of \['delta_w', 'factors'\], got 'x'"):
+        small_config(density_gradient="x")
 
 
 def _phase_model(**overrides):

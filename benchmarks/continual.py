@@ -474,23 +474,26 @@ def plot_dynamics(result: dict, path: Path, title: str) -> None:
         raise ValueError(f"{result['method']}: no dynamics samples to plot")
     x = list(range(1, len(log) + 1))
     states = ["HEALTHY", "ACCEPTABLE", "DEGRADED", "CRITICAL"]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
-    for tier in log[0]["screened_fraction"]:
-        axes[0].plot(x, [e["screened_fraction"][tier] for e in log], label=tier)
-    axes[0].set_ylabel("screened fraction")
+    fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
+    for tier in log[0]["alpha_eff"]:
+        axes[0].plot(x, [e["alpha_eff"][tier] for e in log], label=tier)
+    axes[0].set_ylabel("effective inertia")
     axes[0].legend(fontsize=7, ncol=5)
-    axes[1].plot(x, [e["counters"]["migrations"] for e in log], label="migrations")
-    axes[1].plot(x, [e["counters"]["rollbacks"] for e in log], label="rollbacks")
-    axes[1].set_ylabel("cumulative")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(x, [states.index(e["health"]) for e in log], drawstyle="steps-post")
-    axes[2].set_yticks(range(4), states, fontsize=7)
-    axes[2].set_ylabel("health")
+    for tier in log[0]["screened_fraction"]:
+        axes[1].plot(x, [e["screened_fraction"][tier] for e in log], label=tier)
+    axes[1].set_ylabel("screened fraction")
+    axes[2].plot(x, [e["counters"]["migrations"] for e in log], label="migrations")
+    axes[2].plot(x, [e["counters"]["rollbacks"] for e in log], label="rollbacks")
+    axes[2].set_ylabel("cumulative")
+    axes[2].legend(fontsize=7)
+    axes[3].plot(x, [states.index(e["health"]) for e in log], drawstyle="steps-post")
+    axes[3].set_yticks(range(4), states, fontsize=7)
+    axes[3].set_ylabel("health")
     boundaries = [i + 1 for i in range(1, len(log)) if log[i]["task"] != log[i - 1]["task"]]
     for ax in axes:
         for b in boundaries:
             ax.axvline(b - 0.5, color="grey", lw=0.6, ls="--")
-    axes[2].set_xlabel("sample (every log_every steps; dashed lines: task boundaries)")
+    axes[3].set_xlabel("sample (every log_every steps; dashed lines: task boundaries)")
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -499,6 +502,8 @@ def plot_dynamics(result: dict, path: Path, title: str) -> None:
 
 def write_plots(report: dict, stem: Path) -> None:
     label = "quick mode (indicative only)" if report["mode"] == "quick" else "default size"
+    if report["settings"].get("split") == "dev":
+        label += ", dev split"
     names = report["tasks"]
     for name, result in report["results"].items():
         plot_matrix(result, names, stem.parent / f"{stem.name}_matrix_{name}.png",

@@ -1,0 +1,92 @@
+"""The pure parts of benchmarks/continual.py: the language rule, the metrics, the splits, combining runs."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import continual  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "text, language",
+    [
+        ("What is the best way to learn the guitar? You should practice every day and it will be fine.", "english"),
+        ("¿Cómo puedo aprender a tocar la guitarra? Es muy fácil si practicas todos los días con una rutina.",
+         "spanish"),
+        ("Как научиться играть на гитаре? Нужно заниматься каждый день.", "russian"),
+        ("Comment apprendre la guitare? Il faut pratiquer tous les jours avec une routine qui est simple.", "other"),
+        ("12345 67890", "other"),
+    ],
+)
+def test_detect_language_follows_the_documented_rule(text, language):
+    assert continual.detect_language(text) == language
+
+
+def test_metrics_of_a_known_matrix():
+    # rows: before training, after task 0, after task 1, after task 2; columns: tasks 0..2
+    matrix = [
+        [3.0, 3.0, 3.0],
+        [2.0, 2.8, 2.9],
+        [2.5, 2.0, 2.7],
+        [2.6, 2.2, 1.5],
+    ]
+    metrics = continual.summarise(matrix, adaptation=[4, 6, 8])
+    # task 0: best 2.0 (after task 0), final 2.6 -> 0.6; task 1: best 2.0, final 2.2 -> 0.2
+    assert metrics["avg_forgetting"] == pytest.approx(0.4)
+    assert metrics["bwt"] == pytest.approx(((2.0 - 2.6) + (2.0 - 2.2)) / 2)
+    assert metrics["fwt"] == pytest.approx(((3.0 - 2.8) + (3.0 - 2.7)) / 2)
+    # retention: share of the gain kept, (3 - 2.6) / (3 - 2) = 0.4 and (3 - 2.2) / (3 - 2) = 0.8
+    assert metrics["retention_per_task"] == pytest.approx([0.4, 0.8])
+    assert metrics["final_avg_loss"] == pytest.approx((2.6 + 2.2 + 1.5) / 3)
+    assert metrics["new_task_gain"] == pytest.approx(1.5)
+    assert metrics["avg_adaptation_steps"] == pytest.approx(6.0)
+
+
+def test_steps_to_95_finds_the_first_step_within_5_percent_of_the_drop():
+    assert continual.steps_to_95([4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], ema=0.0) == 2
+    assert continual.steps_to_95([1.0, 2.0, 3.0]) == 3  # no improvement: the whole budget
+
+
+def _args(**overrides):
+    values = dict(held_out_fraction=0.2, seed=0, split="held_out")
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_dev_split_is_carved_out_of_train_and_never_touches_held_out():
+    items = list(range(100))
+    train, held_out = continual.train_and_evaluation_parts(items, _args())
+    dev_train, dev = continual.train_and_evaluation_parts(items, _args(split="dev"))
+    assert len(held_out) == 20 and len(dev) == 16
+    assert set(dev) | set(dev_train) == set(train)
+    assert not set(dev) & set(dev_train)
+    assert not (set(dev) | set(dev_train)) & set(held_out)
+
+
+def test_reuse_takes_finished_methods_only_from_runs_with_the_same_settings(tmp_path):
+    settings = {key: 1 for key in continual.FINGERPRINT} | {"split": "held_out", "low_lr_scale": 0.35}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"settings": settings, "results": {"plain_lora": {"x": 1}, "lora_low_lr": {"x": 2}}}))
+    assert continual.reused_results([earlier], settings, ["plain_lora"]) == {"plain_lora": {"x": 1}}
+    # a method-specific setting only matters for that method
+    other_scale = settings | {"low_lr_scale": 0.5}
+    assert continual.reused_results([earlier], other_scale, ["plain_lora"]) == {"plain_lora": {"x": 1}}
+    with pytest.raises(ValueError, match=r"lora_low_lr ran with other settings .*'low_lr_scale': \(0.35, 0.5\)"):
+        continual.reused_results([earlier], other_scale, ["lora_low_lr"])
+    with pytest.raises(ValueError, match=r"plain_lora ran with other settings .*'steps': \(1, 2\)"):
+        continual.reused_results([earlier], settings | {"steps": 2}, ["plain_lora"])
+
+
+def test_every_dynamic_variant_builds_a_valid_config():
+    args = argparse.Namespace(tier_ranks=dict(continual.COMPACT_RANKS), autocorr_window=3)
+    first_release = continual.dynamic_config(args, "dynamic_v1")
+    assert all(first_release.scaling_of(t) == 1.0 for t in first_release.tiers)
+    assert not first_release.decay_follows_inertia and first_release.density_gradient == "factors"
+    current = continual.dynamic_config(args, "dynamic_on")
+    assert current.scaling_of("context") == 16.0 and current.scaling_of("foundation") == 1.0
+    for variant in continual.DYNAMIC_VARIANTS:
+        assert continual.dynamic_config(args, variant).total_rank == 31

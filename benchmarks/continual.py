@@ -27,7 +27,7 @@ Methods (same step budget per task, same optimizer and learning rate per family,
   dynamic_off     DynamicLoRA with dynamics_enabled=False (a static multi-tier LoRA: the ablation);
   dynamic_v1      DynamicLoRA with the first release's mechanism (s_t = 1 for every tier, one decay rate for all
                   tiers): the "before" of the mechanism changes this benchmark led to;
-  lora_low_lr     plain_lora at learning rate x --low-lr-scale (0.35: matched on the development runs to
+  lora_low_lr     plain_lora at learning rate x --low-lr-scale (0.78: matched on the development runs to
                   dynamic_on's mean training loss): does a method forget less only because it learns less?
   full_ft         full fine-tuning (reference; in --quick when there is memory for it, otherwise --full-ft).
 Ablations of dynamic_on, one mechanism switched off each (--methods ablate_...): ablate_density (kappa = 0),
@@ -578,7 +578,7 @@ def parse_args(argv=None):
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=3e-4, help="adapter learning rate (all adapter methods)")
     parser.add_argument("--full-ft-lr", type=float, default=2e-5)
-    parser.add_argument("--low-lr-scale", type=float, default=0.35,
+    parser.add_argument("--low-lr-scale", type=float, default=0.78,
                         help="lora_low_lr's learning rate / --lr (matched on the dev split to dynamic_on's mean "
                              "training loss)")
     parser.add_argument("--tiers", choices=["default", "compact"], default="compact",

@@ -68,7 +68,7 @@ def test_dev_split_is_carved_out_of_train_and_never_touches_held_out():
 
 
 def test_reuse_takes_finished_methods_only_from_runs_with_the_same_settings(tmp_path):
-    settings = {key: 1 for key in continual.FINGERPRINT} | {"split": "held_out", "low_lr_scale": 0.35}
+    settings = {key: 1 for key in continual.FINGERPRINT} | {"split": "held_out", "low_lr_scale": 0.78}
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"settings": settings, "results": {"plain_lora": {"x": 1}, "lora_low_lr": {"x": 2}}}))
     assert continual.reused_results([earlier], settings, ["plain_lora"]) == {"plain_lora": {"x": 1}}

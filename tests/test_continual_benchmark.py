@@ -90,3 +90,8 @@ def test_every_dynamic_variant_builds_a_valid_config():
     assert current.scaling_of("context") == 16.0 and current.scaling_of("foundation") == 1.0
     for variant in continual.DYNAMIC_VARIANTS:
         assert continual.dynamic_config(args, variant).total_rank == 31
+
+
+def test_labels_of_coinciding_points_are_stacked_and_distant_ones_are_not():
+    points = [(8.0, 0.0951), (8.0, 0.0956), (7.4, 0.0), (8.0, 0.0953)]
+    assert continual.label_offsets(points) == [5, -4, 5, -13]

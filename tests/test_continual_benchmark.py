@@ -88,6 +88,10 @@ def test_every_dynamic_variant_builds_a_valid_config():
     assert not first_release.decay_follows_inertia and first_release.density_gradient == "factors"
     current = continual.dynamic_config(args, "dynamic_on")
     assert current.scaling_of("context") == 16.0 and current.scaling_of("foundation") == 1.0
+    unthrottled = continual.dynamic_config(args, "dynamic_migration_unthrottled")
+    sources = [t for t in unthrottled.tiers if t != "foundation"]  # every tier but the slowest feeds a channel
+    assert [unthrottled.bandwidth_of(t) for t in sources] == [1.0] * 4
+    assert [current.bandwidth_of(t) for t in sources] != [1.0] * 4  # the default stays SPEC 5.5's
     for variant in continual.DYNAMIC_VARIANTS:
         assert continual.dynamic_config(args, variant).total_rank == 31
 

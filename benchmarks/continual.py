@@ -459,30 +459,26 @@ def plot_matrix(result: dict, task_names: list[str], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def label_offsets(points: list, near: float = 0.03, step: int = 9) -> list:
-    """Vertical label offsets in points: labels of points closer than `near` (as a fraction of the axis span) to
-    an earlier point are stacked below it instead of printed over it."""
-    spans = [max(max(c) - min(c), 1e-12) for c in zip(*points)] if points else []
-    offsets = []
-    for i, (x, y) in enumerate(points):
-        crowd = sum(abs(x - px) / spans[0] < near and abs(y - py) / spans[1] < near for px, py in points[:i])
-        offsets.append(5 - step * crowd)
-    return offsets
+def method_styles(names: list[str]) -> dict:
+    """A (colour, marker) per method, distinct for up to 140 methods (20 colours x 7 markers)."""
+    return {name: (plt.cm.tab20(i % 20), "osD^vPX"[(i // 20 + i) % 7]) for i, name in enumerate(names)}
 
 
 def plot_tradeoff(results: dict, path: Path, title: str) -> None:
     """Forgetting against adaptation speed (left) and against what was learnt on the last task (right): a method
     that forgets less only because it learns less sits on the line of the LoRA runs at lower learning rates."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    # a legend rather than labels beside the points: several methods land within a few thousandths of each other
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = method_styles(list(results))
     for ax, key in zip(axes, ("avg_adaptation_steps", "new_task_gain")):
-        points = [(result[key], result["avg_forgetting"], name) for name, result in results.items()]
-        for (x, y, name), offset in zip(points, label_offsets([(x, y) for x, y, _ in points])):
-            ax.scatter(x, y, s=50)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, offset), fontsize=7)
+        for name, result in results.items():
+            color, marker = styles[name]
+            ax.scatter(result[key], result["avg_forgetting"], s=45, color=color, marker=marker, label=name,
+                       edgecolors="black", linewidths=0.4)
     lora = sorted((r["new_task_gain"], r["avg_forgetting"]) for m, r in results.items() if m in ("plain_lora", "lora_low_lr"))
     if len(lora) > 1:
         axes[1].plot(*zip(*lora), color="grey", lw=0.8, ls="--", label="PEFT LoRA at two learning rates")
-        axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axes[0].set_xlabel("adaptation: mean steps to 95% of the training-loss drop (lower = faster)")
     axes[1].set_xlabel("new-task gain: held-out loss drop on the last task (higher = learnt more)")
     axes[0].set_ylabel("average forgetting (held-out loss increase, lower = better)")

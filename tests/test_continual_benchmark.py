@@ -96,6 +96,11 @@ def test_every_dynamic_variant_builds_a_valid_config():
         assert continual.dynamic_config(args, variant).total_rank == 31
 
 
-def test_labels_of_coinciding_points_are_stacked_and_distant_ones_are_not():
-    points = [(8.0, 0.0951), (8.0, 0.0956), (7.4, 0.0), (8.0, 0.0953)]
-    assert continual.label_offsets(points) == [5, -4, 5, -13]
+def test_trade_off_plot_tells_every_method_apart(tmp_path):
+    names = continual.ALL_METHODS
+    styles = continual.method_styles(names)
+    assert len({(tuple(color), marker) for color, marker in styles.values()}) == len(names)
+    # coinciding points (as dynamic_on and its variants are) still draw: the legend carries the names
+    results = {name: {"avg_adaptation_steps": 8.0, "avg_forgetting": 0.095, "new_task_gain": 0.25} for name in names}
+    continual.plot_tradeoff(results, tmp_path / "tradeoff.png", "test")
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -341,7 +341,9 @@ def dynamic_snapshot(model) -> dict:
     }
 
 
-def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int) -> dict:
+def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int, before_dynamic_step=None) -> dict:
+    """Train `method` through the tasks; `before_dynamic_step(model, task_name, step)`, if given, sees each DynamicLoRA
+    optimizer step before dynamic_step() applies the dynamics to it (benchmarks/continual_resonance.py)."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
     if method in ("plain_lora", "lora_merge", "lora_low_lr"):
@@ -377,6 +379,8 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             if method in DYNAMIC_VARIANTS:  # a no-op under dynamics_enabled=False, as in DynamicLoraCallback
+                if before_dynamic_step is not None:
+                    before_dynamic_step(model, task["name"], step + 1)
                 model.base_model.dynamic_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

@@ -1,4 +1,5 @@
-"""The pure parts of benchmarks/continual.py: the language rule, the metrics, the splits, combining runs."""
+"""The pure parts of benchmarks/continual.py (the language rule, the metrics, the splits, combining runs, the plots)
+and the per-module cosines of benchmarks/continual_resonance.py."""
 
 import argparse
 import json
@@ -104,3 +105,36 @@ def test_trade_off_plot_tells_every_method_apart(tmp_path):
     results = {name: {"avg_adaptation_steps": 8.0, "avg_forgetting": 0.095, "new_task_gain": 0.25} for name in names}
     continual.plot_tradeoff(results, tmp_path / "tradeoff.png", "test")
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resonance_diagnostic_reproduces_the_tuners_vertical_cosine():
+    import continual_resonance
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import reso_hf
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    config = reso_hf.DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                                       tier_ranks={"foundation": 4, "domain": 4, "swarm": 2, "agent": 2, "context": 1})
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        measured = continual_resonance.module_cosines(model)
+        model.base_model.dynamic_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    states = model.base_model.dynamics().tier_states
+    assert set(measured) == {"foundation->domain", "domain->swarm", "swarm->agent", "agent->context"}
+    for pair, values in measured.items():
+        assert len(values) == 4  # two layers x (q_proj, v_proj), every slow tier non-zero after the first step
+        assert sum(values) / len(values) == pytest.approx(states[pair.split("->")[1]].vertical, abs=1e-12)
+    summary = continual_resonance.summarise_pair([[0.2, -0.4], [0.6]], conflict=0.3, vertical=0.5)
+    assert summary["tuner_mean_min"] == pytest.approx(-0.1) and summary["tuner_mean_max"] == pytest.approx(0.6)
+    assert summary["module_share_conflict"] == pytest.approx(1 / 3) and summary["module_share_aligned"] == pytest.approx(1 / 3)
+    assert summary["module_abs_max"] == pytest.approx(0.6)

@@ -465,7 +465,8 @@ def plot_matrix(result: dict, task_names: list[str], path: Path, title: str) -> 
 
 def method_styles(names: list[str]) -> dict:
     """A (colour, marker) per method, distinct for up to 140 methods (20 colours x 7 markers)."""
-    return {name: (plt.cm.tab20(i % 20), "osD^vPX"[(i // 20 + i) % 7]) for i, name in enumerate(names)}
+    # (i mod 20, i mod 7) repeats only after lcm(20, 7) = 140 methods
+    return {name: (plt.cm.tab20(i % 20), "osD^vPX"[i % 7]) for i, name in enumerate(names)}
 
 
 def plot_tradeoff(results: dict, path: Path, title: str) -> None:

@@ -50,7 +50,7 @@ s = i + 1 after training task i). With T tasks:
 The issue's goal: forgetting(dynamic_on) <= 0.5 x forgetting(plain_lora) with final new-task loss within 5% of
 plain_lora's, and retention > 80%.
 
-    python benchmarks/continual.py                  # default size, about 60 min on 2 CPU cores
+    python benchmarks/continual.py                  # default size, about 45 min on 2 CPU cores
     python benchmarks/continual.py --quick          # a few minutes: indicative only
     python benchmarks/continual.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # any Hub id, folder or .gguf
 
@@ -62,9 +62,9 @@ plain_lora's, and retention > 80%.
 Writes benchmarks/results/continual[_quick].json, continual[_quick]_matrix_<method>.png,
 continual[_quick]_forgetting_vs_adaptation.png and continual[_quick]_dynamics.png (atomically), and prints a
 markdown table. "wall s" is the method's whole run: training plus its held-out evaluations.
-Default size: 16 steps x batch 4 x 192 tokens per task, 10 held-out examples per task (estimated from the
-quick run's step times at about 60 minutes on 2 uncontended CPU cores for the adapter methods; full fine-tuning
-costs several times an adapter method per step, --no-full-ft leaves it out).
+Default size: 16 steps x batch 4 x 192 tokens per task, 10 held-out examples per task: 6 to 8 minutes per method
+on 2 lightly loaded CPU threads (measured for plain_lora, lora_merge, lora_low_lr, dynamic_on and, at 468 s,
+full_ft, which the default size leaves out unless --full-ft), so about 45 minutes for the six default methods.
 """
 
 from __future__ import annotations
@@ -618,7 +618,7 @@ def parse_args(argv=None):
                              f"ablations {ABLATIONS}")
     parser.add_argument("--full-ft", dest="full_ft", action="store_true", default=None,
                         help="add full fine-tuning (default: on in --quick when memory allows, off at default size, "
-                             "where it would take hours on CPU)")
+                             "where it took 468 s on 2 CPU threads, as long as an adapter method)")
     parser.add_argument("--no-full-ft", dest="full_ft", action="store_false")
     parser.add_argument("--split", choices=["held_out", "dev"], default="held_out",
                         help="evaluate on the held-out parts (reporting) or on a development part carved out of the "

@@ -688,6 +688,19 @@ def write_report(args, description: str, data_info: dict, names: list[str], resu
     return report
 
 
+def prepare(args) -> tuple:
+    """(frozen base model, its description, pad id, tasks, data description) for `args`, with threads and seed set."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base, description = load_causal_lm(args.model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    tasks, data_info = build_tasks(args, tokenizer)
+    return base, description, pad_id, tasks, data_info
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.replot:
@@ -701,14 +714,7 @@ def main(argv=None) -> dict:
         print(table(report["results"]))
         print(f"\ngoal: {json.dumps(report['goal'])}")
         return report
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base, description = load_causal_lm(args.model)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    tasks, data_info = build_tasks(args, tokenizer)
+    base, description, pad_id, tasks, data_info = prepare(args)
     names = [t["name"] for t in tasks]
     methods = list(args.methods)
     if args.full_ft and "full_ft" not in methods:

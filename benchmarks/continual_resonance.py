@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import continual  # noqa: E402
-from dynamic_lora_common import RESULTS, load_causal_lm, markdown_table  # noqa: E402
+from dynamic_lora_common import RESULTS, markdown_table  # noqa: E402
 from reso_hf.dynamic_lora.resonance import update_cosine  # noqa: E402
 
 
@@ -100,14 +100,7 @@ def main(argv=None) -> dict:
     args = continual.parse_args(argv)  # the benchmark's own arguments; --methods is ignored (dynamic_on only)
     if "--out" not in argv:
         args.out = RESULTS / "continual_resonance"
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tokenizer = continual.load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base, description = load_causal_lm(args.model)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    tasks, _ = continual.build_tasks(args, tokenizer)
+    base, description, pad_id, tasks, _ = continual.prepare(args)
     config = continual.dynamic_config(args)
     per_step: dict[str, list[list[float]]] = {}
 

@@ -66,6 +66,25 @@ def test_incremental_decoding_logits_equal_full_recomputation(switches):
     assert torch.allclose(incremental, full, atol=2e-5), (incremental - full).abs().max()
 
 
+def test_cache_is_taken_under_either_name_and_grows_in_place():
+    # transformers 5.24's generate() passes the cache as `cache=`: a forward that ignored it rebuilt the cache at
+    # every step and decoded each new token without its context
+    model = micro_model(kuramoto=True)
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (1, 9))
+    full = _logits(model, ids)
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        steps = []
+        for t in range(6, 9):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            assert out.past_key_values is cache and cache.get_seq_length() == t + 1
+            steps.append(out.logits)
+        with pytest.raises(ValueError, match="two different KV caches"):
+            model(ids[:, 8:9], cache=cache, past_key_values=model(ids[:, :1], use_cache=True).past_key_values)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 6:], atol=2e-5)
+
+
 @pytest.mark.parametrize("switches", SWITCH_PARAMS)
 def test_greedy_generation_with_cache_equals_recomputation(switches):
     model = micro_model(**switches)

@@ -342,6 +342,15 @@ def check_local_checkpoint(directory: str) -> None:
         check_safetensors_file(shard_path)
 
 
+def _cache_argument(past_key_values, kwargs):
+    """The KV cache, under either name: transformers 5.24 renamed `past_key_values` to `cache`, and its generate()
+    passes `cache=`. Ignoring it would rebuild the cache at every step and drop the context after the prefill."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Got two different KV caches, `cache` and `past_key_values`: pass one of them.")
+    return past_key_values if past_key_values is not None else cache
+
+
 class ResoLLMPreTrainedModel(PreTrainedModel):
     config: ResoLLMConfig
     config_class = ResoLLMConfig
@@ -465,6 +474,7 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         bound_concepts (`tuple(keys, values)`, *optional*):
             Extra PRSC concept slots (the user's bindings), appended to the learned bank.
         """
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -491,10 +501,10 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
 
         causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            self.config,
+            inputs_embeds,
+            attention_mask,
+            past_key_values,  # positional: named `past_key_values` before 5.24, `cache` from 5.24
             position_ids=position_ids,
         )
         if prefix_states is not None:
@@ -812,6 +822,7 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ResoLLMCausalLMOutputWithPast:
+        past_key_values = _cache_argument(past_key_values, kwargs)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         prefix_states, prefix_visible = self._prefix_inputs(input_ids, attention_mask, labels, batch_size)
         if self.config.temporal_smf.enabled and not self.training and past_key_values is not None:

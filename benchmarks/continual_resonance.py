@@ -98,7 +98,7 @@ def plot(per_pair_values: dict[str, list[float]], conflict: float, vertical: flo
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = continual.parse_args(argv)  # the benchmark's own arguments; --methods is ignored (dynamic_on only)
-    if "--out" not in argv:
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):
         args.out = RESULTS / "continual_resonance"
     base, description, pad_id, tasks, _ = continual.prepare(args)
     config = continual.dynamic_config(args)

@@ -159,12 +159,19 @@ def test_switched_off_component_has_no_parameters_and_never_runs(switch):
     assert calls["on"] > 0 and calls["off"] == 0
 
 
-def test_kuramoto_off_adds_no_cache_layers_and_on_adds_one_per_layer():
-    for kuramoto, expected_layers in ((False, 2), (True, 4)):
+def test_cache_has_one_layer_per_decoder_layer_and_kuramoto_keeps_its_sums_in_it():
+    for kuramoto in (False, True):
         model = micro_model(kuramoto=kuramoto)
         with torch.no_grad():
             cache = model(torch.tensor([[4, 5, 6]]), use_cache=True).past_key_values
-        assert len(cache.layers) == expected_layers
+        assert len(cache) == len(cache.layers) == model.config.num_hidden_layers
+        phase_sums = [getattr(layer, "phase_sums", None) for layer in cache.layers]
+        if kuramoto:
+            # (B, H_kv, T, [sum cos, sum sin, count]): the count of real tokens runs 1, 2, 3.
+            assert all(s.shape == (1, 2, 3, 3) for s in phase_sums)
+            assert torch.equal(phase_sums[0][0, 0, :, 2], torch.tensor([1.0, 2.0, 3.0]))
+        else:
+            assert phase_sums == [None, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def test_kuramoto_step_matches_its_definition_and_chunking():
     module.phase_proj.weight.data.normal_(0, 2.0)
     hidden = torch.randn(1, 9, 8)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1]])  # two padding tokens on the left
-    cos_c, sin_c, order, phasor_sum, count = module(hidden, mask, None, None)
+    cos_c, sin_c, order, sums = module(hidden, mask, None, None)
 
     theta = (hidden @ module.phase_proj.weight.T).transpose(1, 2)[0].double()  # (H, T)
     for t in range(2, 9):
@@ -234,8 +241,10 @@ def test_kuramoto_step_matches_its_definition_and_chunking():
         assert torch.allclose(order[0, :, t].double(), z.abs(), atol=1e-5)
 
     first = module(hidden[:, :4], mask[:, :4], None, None)
-    rest = module(hidden[:, 4:], mask[:, 4:], first[3][:, :, -1:], first[4][:, :, -1:])
+    rest = module(hidden[:, 4:], mask[:, 4:], first[3][:, :, -1:], None)
     assert torch.allclose(torch.cat([first[0], rest[0]], dim=2), cos_c, atol=1e-6)
+    assert torch.allclose(torch.cat([first[3], rest[3]], dim=2), sums, atol=1e-6)
+    assert torch.equal(sums[0, 0, :, 2], torch.tensor([0.0, 0, 1, 2, 3, 4, 5, 6, 7]))  # padding is not counted
 
 
 def test_coherence_gate_spans_the_full_range():

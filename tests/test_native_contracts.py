@@ -5,7 +5,9 @@
 import pytest
 import torch
 from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
+from transformers import StaticCache
 from transformers.generation import GenerateBeamDecoderOnlyOutput
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 import reso_hf
 
@@ -27,3 +29,89 @@ def test_beam_search_with_return_dict_is_plain_generation_mixin(do_sample):
     assert out.beam_indices is not None and len(out.scores) == out.sequences.shape[1] - PROMPT.shape[1]
     torch.manual_seed(0)
     assert torch.equal(out.sequences, model.generate(PROMPT, **kwargs))
+
+
+# ---------------------------------------------------- 2-3. static cache, torch.compile, torch.export
+
+
+# All 16 combinations pass (checked once); the suite runs the four that trace different code.
+TRACED_SWITCHES = [ALL_SWITCHES[0], ALL_SWITCHES[-1], dict(ALL_SWITCHES[-1], kuramoto=True),
+                   dict(ALL_SWITCHES[-1], prime_embedding=True, coherence_gating=True)]
+
+
+@pytest.mark.parametrize("switches", ALL_SWITCHES, ids=switch_id)
+def test_every_switch_combination_decodes_with_a_static_cache(switches):
+    model = micro_model(**switches)
+    kwargs = dict(attention_mask=PROMPT_MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(PROMPT, cache_implementation="static", **kwargs), model.generate(PROMPT, **kwargs))
+
+
+@pytest.mark.parametrize("switches", TRACED_SWITCHES, ids=switch_id)
+def test_switch_combinations_compile_fullgraph_and_export(switches):
+    model = micro_model(**switches)
+    with torch.no_grad():
+        eager = model(PROMPT, attention_mask=PROMPT_MASK, use_cache=False).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(PROMPT, attention_mask=PROMPT_MASK, use_cache=False).logits, eager, atol=1e-6)
+        exported = torch.export.export(model, (PROMPT,), {"attention_mask": PROMPT_MASK, "use_cache": False})
+        assert torch.allclose(exported.module()(PROMPT, attention_mask=PROMPT_MASK, use_cache=False).logits, eager,
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize("kuramoto", [True, False], ids=["kuramoto", "no_kuramoto"])
+def test_compiled_decode_step_with_a_static_cache_equals_eager(kuramoto):
+    model = micro_model(kuramoto=kuramoto)
+    step_ids = torch.tensor([[11], [12]])
+    logits = {}
+    for name in ("eager", "compiled"):
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            model(PROMPT, attention_mask=PROMPT_MASK, past_key_values=cache, use_cache=True)
+            torch._dynamo.reset()
+            forward = torch.compile(model, fullgraph=True, backend="eager") if name == "compiled" else model
+            mask = torch.cat([PROMPT_MASK, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            logits[name] = forward(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                   position_ids=torch.tensor([[4], [3]])).logits
+        if kuramoto:  # the running phase sums live in the decoder layer's own cache layer, at the cache positions
+            counts = cache.layers[0].phase_sums[:, 0, :5, 2]
+            assert torch.equal(counts, torch.tensor([[1.0, 2, 3, 4, 5], [0, 1, 2, 3, 4]]))
+    assert torch.equal(logits["compiled"], logits["eager"])
+
+
+@pytest.mark.parametrize("kuramoto", [True, False], ids=["kuramoto", "no_kuramoto"])
+def test_static_cache_export_recipe_decodes_like_the_eager_model(kuramoto):
+    # transformers' ExecuTorch recipe: a torch.export program holding a StaticCache, fed one token at a time.
+    model = micro_model(kuramoto=kuramoto)
+    model.generation_config.cache_implementation = "static"
+    try:
+        wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=12)
+        model.model.prepare_cache(wrapper.static_cache)  # the phase sums must exist before tracing
+        for index, layer in enumerate(wrapper.static_cache.layers):
+            if kuramoto:
+                wrapper.register_buffer(f"phase_sums_{index}", layer.phase_sums, persistent=False)
+            else:
+                assert not hasattr(layer, "phase_sums")
+        program = torch.export.export(wrapper, (), {"input_ids": torch.tensor([[4]]),
+                                                    "cache_position": torch.tensor([0])}, strict=False).module()
+    finally:
+        model.generation_config.cache_implementation = None
+    tokens = [4, 5, 6, 7, 8, 9]
+    with torch.no_grad():
+        full = model(torch.tensor([tokens]), use_cache=False).logits[0]
+        stepped = torch.cat([program(input_ids=torch.tensor([[t]]), cache_position=torch.tensor([i]))[0]
+                             for i, t in enumerate(tokens)])
+    assert torch.allclose(stepped, full, atol=1e-5)
+
+
+def test_out_of_range_token_ids_still_get_a_clear_error_in_eager_mode():
+    with pytest.raises(ValueError, match=r"token id 97, outside the vocabulary \[0, 96\]"):
+        micro_model()(torch.tensor([[4, 97]]))
+
+
+def test_a_cache_filled_by_another_model_is_refused_with_kuramoto():
+    plain, kuramoto = micro_model(kuramoto=False), micro_model(kuramoto=True)
+    with torch.no_grad():
+        cache = plain(PROMPT, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="cache layer 0 is a filled DynamicLayer. Supported: an empty DynamicCache"):
+            kuramoto(torch.tensor([[4], [5]]), past_key_values=cache, use_cache=True)

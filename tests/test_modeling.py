@@ -132,7 +132,7 @@ def test_left_padded_batch_matches_unpadded_rows(switches):
 # ------------------------------------------------------------------------------------------------
 
 COMPONENT_OF_SWITCH = {
-    "prime_embedding": (ResoLLMPrimeCode, "model.prime_code."),
+    "prime_embedding": (ResoLLMPrimeCode, "model.embed_tokens.prime_code."),
     "kuramoto": (ResoLLMKuramoto, ".self_attn.kuramoto."),
     "coherence_gating": (ResoLLMCoherenceGate, ".coherence_gate."),
 }
@@ -204,7 +204,8 @@ def test_prime_code_table_rows_are_the_token_primes_phasors():
 def test_embedding_adds_projected_prime_code():
     model = micro_model(prime_embedding=True)
     ids = torch.tensor([[3, 4, 5]])
-    expected = model.model.embed_tokens(ids) + model.model.prime_code.proj(model.model.prime_code.code_table[ids])
+    token_embedding = model.model.embed_tokens.weight[ids]
+    expected = token_embedding + model.model.prime_code.proj(model.model.prime_code.code_table[ids])
     captured = {}
     handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: captured.setdefault("x", args[0]))
     with torch.no_grad():

@@ -4,12 +4,14 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
 from transformers import StaticCache
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 import reso_hf
+from reso_hf.modeling.resonance import prime_code_table
 
 PROMPT = torch.tensor([[4, 5, 6, 7], [0, 8, 9, 10]])
 PROMPT_MASK = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
@@ -76,7 +78,7 @@ def test_compiled_decode_step_with_a_static_cache_equals_eager(kuramoto):
         if kuramoto:  # the running phase sums live in the decoder layer's own cache layer, at the cache positions
             counts = cache.layers[0].phase_sums[:, 0, :5, 2]
             assert torch.equal(counts, torch.tensor([[1.0, 2, 3, 4, 5], [0, 1, 2, 3, 4]]))
-    assert torch.equal(logits["compiled"], logits["eager"])
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kuramoto", [True, False], ids=["kuramoto", "no_kuramoto"])
@@ -115,3 +117,63 @@ def test_a_cache_filled_by_another_model_is_refused_with_kuramoto():
         cache = plain(PROMPT, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="cache layer 0 is a filled DynamicLayer. Supported: an empty DynamicCache"):
             kuramoto(torch.tensor([[4], [5]]), past_key_values=cache, use_cache=True)
+
+
+# ----------------------------------------------------------------------------------------- 5. inputs_embeds
+
+
+@pytest.mark.parametrize("switches", ALL_SWITCHES, ids=switch_id)
+def test_inputs_embeds_from_the_input_embeddings_equal_input_ids(switches):
+    model = micro_model(**switches)
+    with torch.no_grad():
+        from_ids = model(PROMPT, attention_mask=PROMPT_MASK).logits
+        embeds = model.get_input_embeddings()(PROMPT)
+        from_embeds = model(inputs_embeds=embeds, attention_mask=PROMPT_MASK).logits
+    assert torch.equal(from_embeds, from_ids)
+
+
+def test_generate_from_inputs_embeds_with_beams_continues_like_input_ids():
+    model = micro_model()  # every switch on, the prime code included
+    kwargs = dict(attention_mask=PROMPT_MASK, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    from_ids = model.generate(PROMPT, **kwargs)[:, PROMPT.shape[1]:]
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(PROMPT).detach(), **kwargs)
+    assert torch.equal(from_embeds, from_ids)
+
+
+# ------------------------------------------------------------------------------ 4. resize_token_embeddings
+
+
+@pytest.mark.parametrize("prime_embedding", [True, False], ids=["prime_embedding", "no_prime_embedding"])
+def test_resize_token_embeddings_updates_the_vocabulary_and_the_prime_code(prime_embedding):
+    torch.manual_seed(0)
+    model = reso_hf.ResoLLMForCausalLM(micro_config(prime_embedding=prime_embedding)).eval()
+    with torch.no_grad():
+        before = model(PROMPT).logits
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == model.vocab_size == 120
+    assert model.get_input_embeddings().weight.shape == (120, 32)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
+    new_tokens = torch.tensor([[4, 100, 119]])
+    with torch.no_grad():
+        assert torch.allclose(model(PROMPT).logits[..., :97], before, atol=1e-6)  # old tokens unchanged
+        assert model(new_tokens).logits.shape == (1, 3, 120)  # new ids run
+    if prime_embedding:
+        prime_code = model.model.prime_code
+        assert prime_code.code_table.shape == (120, 8)
+        assert torch.equal(prime_code.code_table, prime_code_table(120, 8))  # token i keeps the i-th prime
+    with pytest.raises(ValueError, match=r"token id 120, outside the vocabulary \[0, 119\]"):
+        model(torch.tensor([[120]]))
+
+
+def test_checkpoints_with_the_old_prime_code_keys_still_load(tmp_path):
+    model = micro_model()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    legacy = {key.replace("model.embed_tokens.prime_code.", "model.prime_code."): value
+              for key, value in weights.items()}
+    assert "model.prime_code.proj.weight" in legacy
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = reso_hf.ResoLLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.model.prime_code.proj.weight, model.model.prime_code.proj.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(PROMPT).logits, model(PROMPT).logits)

@@ -39,6 +39,7 @@ from .resonance import (
     ResoLLMCoherenceGate,
     ResoLLMKuramoto,
     ResoLLMPrimeCode,
+    ResoLLMTokenEmbedding,
     prime_code_table,
     prime_phasor,
     rotary_inverse_frequencies,
@@ -448,6 +449,10 @@ def _holds_tokens(layer) -> bool:
     return bool(layer.get_seq_length() > 0)
 
 
+# Checkpoint keys of reso-hf <= 0.1.0, whose prime code sat beside the token embedding.
+LEGACY_KEY_MAPPING = {r"^model\.prime_code\.": "model.embed_tokens.prime_code.", r"^prime_code\.": "embed_tokens.prime_code."}
+
+
 class ResoLLMPreTrainedModel(PreTrainedModel):
     config: ResoLLMConfig
     config_class = ResoLLMConfig
@@ -472,7 +477,20 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
         if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
             if kwargs.get("gguf_file") is None and kwargs.get("subfolder", "") == "":
                 check_local_checkpoint(str(pretrained_model_name_or_path))
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def set_input_embeddings(self, value: nn.Module):
+        # `resize_token_embeddings` hands back the resized embedding (a plain nn.Embedding, or ours with a new
+        # weight): keep the prime code around it, coding the primes of the new vocabulary size.
+        backbone = self.base_model
+        prime_code = backbone.prime_code
+        if prime_code is not None:
+            if not isinstance(value, ResoLLMTokenEmbedding):
+                value = ResoLLMTokenEmbedding.around(value, prime_code)
+            if value.prime_code.vocab_size != value.num_embeddings:
+                value.prime_code.resize(value.num_embeddings)
+        backbone.embed_tokens = value
 
     # Callables `hook(model, save_directory)` run after `save_pretrained` has written the folder, on the main
     # process only. reso_hf.hub appends its model-card writer; where reso_hf is not installed it stays empty.
@@ -519,12 +537,12 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.prime_code = (
-            ResoLLMPrimeCode(config.vocab_size, config.prime_code_dim, config.hidden_size)
-            if config.prime_embedding
-            else None
-        )
+        if config.prime_embedding:
+            prime_code = ResoLLMPrimeCode(config.vocab_size, config.prime_code_dim, config.hidden_size)
+            self.embed_tokens = ResoLLMTokenEmbedding(config.vocab_size, config.hidden_size, self.padding_idx,
+                                                      prime_code)
+        else:  # switched off: exactly Llama's embedding (same parameter names)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.concept_bank = (
             ResoLLMConceptBank(config.hidden_size, config.prsc.max_bindings, config.prime_code_dim)
             if config.prsc.enabled and config.prsc.max_bindings > 0
@@ -537,6 +555,11 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         self.rotary_emb = ResoLLMRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    @property
+    def prime_code(self) -> ResoLLMPrimeCode | None:
+        """The prime-code part of the token embedding (`prime_embedding=True`), or None."""
+        return getattr(self.embed_tokens, "prime_code", None)
 
     def prepare_cache(self, past_key_values: Cache) -> Cache:
         """With `kuramoto=True`, make `past_key_values` keep the running phase sums: each decoder layer's own cache
@@ -602,10 +625,6 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
             if not torch.compiler.is_compiling():  # a data-dependent check: eager users get the clear error
                 _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-            if self.prime_code is not None:
-                inputs_embeds = inputs_embeds + self.prime_code(input_ids)
-        elif self.prime_code is not None:
-            raise ValueError("prime_embedding=True needs input_ids (the prime code is indexed by token id)")
         if self.concept_bank is not None:
             bound_keys, bound_values = bound_concepts if bound_concepts is not None else (None, None)
             inputs_embeds = self.concept_bank(inputs_embeds, bound_keys, bound_values)

@@ -65,6 +65,33 @@ class ResoLLMPrimeCode(nn.Module):
         codes = nn.functional.embedding(input_ids, self.code_table)
         return self.proj(codes.to(self.proj.weight.dtype))
 
+    def resize(self, vocab_size: int) -> None:
+        """Code the primes of a resized vocabulary (token i keeps the i-th prime, new tokens get the next ones)."""
+        self.vocab_size = vocab_size
+        self.code_table = prime_code_table(vocab_size, self.code_dim).to(self.code_table.device)
+
+
+class ResoLLMTokenEmbedding(nn.Embedding):
+    """The token embedding plus the projected prime code of each token (SPEC §3.1), as one module: what
+    `get_input_embeddings()(input_ids)` returns is exactly what the decoder layers receive, so `inputs_embeds`,
+    soft prompts and prompt tuning see the prime code too."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, prime_code: ResoLLMPrimeCode,
+                 **factory_kwargs):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, **factory_kwargs)
+        self.prime_code = prime_code
+
+    @classmethod
+    def around(cls, embedding: nn.Embedding, prime_code: ResoLLMPrimeCode) -> "ResoLLMTokenEmbedding":
+        """Wrap a plain embedding (e.g. the one `resize_token_embeddings` builds), sharing its weight."""
+        wrapped = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, prime_code,
+                      device="meta")
+        wrapped.weight = embedding.weight
+        return wrapped
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return super().forward(input_ids) + self.prime_code(input_ids)
+
 
 # ---------------------------------------------------------------------------------------------
 # §3.2 Rotary spectra

@@ -19,14 +19,13 @@ import os
 import torch
 from peft import get_peft_model
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
+from ..loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_source
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets
 from .pretrain import resume_checkpoint
@@ -39,27 +38,20 @@ DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"
 DEFAULT_DYNAMIC_LORA = {"target_modules": "all-linear"}
 
 
-def model_location(sft_args: SftArguments) -> tuple[str, dict]:
-    """(folder or Hub id, extra from_pretrained kwargs) for a Hub id, a folder or a .gguf file."""
-    if not sft_args.base_model:
-        raise ValueError("--base_model is required: a Hub id, a local folder, or a .gguf file")
-    kwargs = {"trust_remote_code": sft_args.trust_remote_code}
-    if sft_args.base_model.endswith(".gguf"):
-        if not os.path.isfile(sft_args.base_model):
-            raise FileNotFoundError(f"base_model: GGUF file {sft_args.base_model!r} does not exist")
-        directory, name = os.path.split(os.path.abspath(sft_args.base_model))
-        return directory, {**kwargs, "gguf_file": name}
-    if sft_args.gguf_file:
-        kwargs["gguf_file"] = sft_args.gguf_file
-    return sft_args.base_model, kwargs
+def base_model_source(sft_args: SftArguments) -> ModelSource:
+    """The checked base model (a Hub id, a folder or a .gguf file); an adapter folder is not a base."""
+    source = resolve_model_source(sft_args.base_model, sft_args.gguf_file, field="base_model")
+    if source.is_adapter:
+        raise ValueError(f"base_model {sft_args.base_model!r} is a PEFT adapter folder; pass the model it adapts "
+                         f"({source.base.name!r}) or a merged copy of both")
+    return source
 
 
-def load_base(sft_args: SftArguments):
-    location, kwargs = model_location(sft_args)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+def load_base(source: ModelSource, sft_args: SftArguments):
+    tokenizer = load_tokenizer(source, trust_remote_code=sft_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    model = load_causal_lm(source, dtype=torch.float32, trust_remote_code=sft_args.trust_remote_code)
     return model, tokenizer
 
 
@@ -122,11 +114,12 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
+    source = base_model_source(sft_args)  # a bad path fails here, before any data is prepared
     checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
     if training_args.process_index == 0:
         clean_staging(training_args.output_dir)
     set_seed(training_args.seed)
-    base, tokenizer = load_base(sft_args)
+    base, tokenizer = load_base(source, sft_args)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
     model = get_peft_model(base, dynamic_lora_config(sft_args))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
-from transformers import StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -177,3 +177,53 @@ def test_checkpoints_with_the_old_prime_code_keys_still_load(tmp_path):
     assert torch.equal(loaded.model.prime_code.proj.weight, model.model.prime_code.proj.weight)
     with torch.no_grad():
         assert torch.equal(loaded(PROMPT).logits, model(PROMPT).logits)
+
+
+# ------------------------------------------------------------------------------------ 6. RoPE scaling
+
+
+LLAMA_DIMS = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False)
+SWITCHES_OFF = dict(prime_embedding=False, rope_spectrum="geometric", kuramoto=False, coherence_gating=False)
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8},
+}
+
+
+@pytest.mark.parametrize("name", ROPE_SCALINGS)
+def test_rope_scaling_matches_llama_with_the_same_weights(name):
+    rope_parameters = {**ROPE_SCALINGS[name], "rope_theta": 50000.0}
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**LLAMA_DIMS, rope_parameters=dict(rope_parameters))).eval()
+    reso = reso_hf.ResoLLMForCausalLM(reso_hf.ResoLLMConfig(**LLAMA_DIMS, **SWITCHES_OFF,
+                                                            rope_parameters=dict(rope_parameters))).eval()
+    reso.load_state_dict(llama.state_dict())
+    ids = torch.randint(3, 97, (1, 40))  # past max_position_embeddings: the scaling acts
+    with torch.no_grad():
+        assert torch.allclose(reso(ids).logits, llama(ids).logits, atol=1e-5)
+    plain = reso_hf.ResoLLMForCausalLM(reso_hf.ResoLLMConfig(**LLAMA_DIMS, **SWITCHES_OFF, rope_theta=50000.0)).eval()
+    plain.load_state_dict(llama.state_dict())
+    positions = torch.arange(40)[None]
+    scaled_cos, _ = reso.model.rotary_emb(torch.zeros(1), positions)
+    plain_cos, _ = plain.model.rotary_emb(torch.zeros(1), positions)
+    assert not torch.allclose(scaled_cos, plain_cos, atol=1e-3)  # the scaling acts on these positions
+
+
+def test_rope_parameters_round_trip_and_bad_values_are_named():
+    config = reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_parameters={**ROPE_SCALINGS["llama3"],
+                                                                               "rope_theta": 500000.0})
+    assert config.rope_theta == 500000.0
+    assert reso_hf.ResoLLMConfig(**config.to_dict()).rope_parameters == config.rope_parameters
+    legacy = reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_scaling={"type": "linear", "factor": 2.0})
+    assert legacy.rope_parameters["rope_type"] == "linear" and legacy.rope_parameters["factor"] == 2.0
+    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\]='linear' is invalid: expected 'default' "
+                                         r"with rope_spectrum='golden'"):
+        reso_hf.ResoLLMConfig(rope_parameters={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\]='cubic' is invalid: expected one of"):
+        reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_parameters={"rope_type": "cubic"})
+    with pytest.raises(ValueError, match=r"rope_parameters=.* is invalid: .*\{'factor'\}"):
+        reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_parameters={"rope_type": "linear"})

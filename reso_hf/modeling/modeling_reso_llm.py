@@ -19,6 +19,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -90,29 +91,42 @@ class ResoLLMMLP(LlamaMLP):
 class ResoLLMRotaryEmbedding(nn.Module):
     """Positional rotary phases in rotate-half layout (pair j = dims j and j + head_dim/2).
 
-    Without Kuramoto it returns full-width cos/sin exactly like Llama. With Kuramoto the last pair of
-    every head is reserved for the content phase, so it returns the ``head_dim/2 - 1`` positional
-    angles of one half; the attention completes each layer's full-width cos/sin.
+    Without Kuramoto it returns full-width cos/sin exactly like Llama, including RoPE scaling
+    (`config.rope_parameters`: linear, dynamic, yarn, llama3, ... through transformers' own functions). With
+    Kuramoto the last pair of every head is reserved for the content phase, so it returns the
+    ``head_dim/2 - 1`` positional angles of one half; the attention completes each layer's full-width cos/sin.
     """
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__()
         self.config = config
         self.reserve_content_pair = config.kuramoto
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+        self.num_pairs = config.resolved_head_dim // 2 - (1 if config.kuramoto else 0)
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: ResoLLMConfig) -> torch.Tensor:
+    def compute_inv_freq(config: ResoLLMConfig) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies of the positional pairs, attention scaling of the RoPE type)."""
         head_dim = config.resolved_head_dim
         num_pairs = head_dim // 2 - (1 if config.kuramoto else 0)
-        return rotary_inverse_frequencies(config.rope_spectrum, num_pairs, head_dim, config.rope_theta)
+        rope_type = config.rope_parameters["rope_type"]
+        if config.rope_spectrum == "golden" or rope_type == "default":
+            return rotary_inverse_frequencies(config.rope_spectrum, num_pairs, head_dim, config.rope_theta), 1.0
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv_freq.float()[:num_pairs], attention_scaling
 
     @torch.no_grad()
+    @dynamic_rope_update  # dynamic NTK and longrope recompute inv_freq from the sequence length
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor):
-        angles = position_ids[..., None].float() * self.inv_freq.float()
+        # A dynamic update recomputes the full spectrum: the reserved Kuramoto pair keeps the slowest one out.
+        angles = position_ids[..., None].float() * self.inv_freq[: self.num_pairs].float()
         if not self.reserve_content_pair:
             angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -505,6 +519,12 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, ResoLLMRotaryEmbedding):
+            # Not transformers' generic rotary init: the spectrum may be golden, and Kuramoto reserves a pair.
+            inv_freq, _ = module.compute_inv_freq(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+            return
         super()._init_weights(module)
         # Non-persistent buffers are not in the checkpoint: recompute them whenever weights are initialised.
         if isinstance(module, ResoLLMPrimeCode):
@@ -512,8 +532,6 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             # The code entries are O(1), so a default-initialised projection would add fixed noise
             # several times larger than the learned embedding; start from zero and let training use it.
             init.zeros_(module.proj.weight)
-        elif isinstance(module, ResoLLMRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
         elif isinstance(module, ResoLLMKuramoto):
             init.constant_(module.coupling, module.coupling_init)
         elif isinstance(module, ResoLLMCoherenceGate):

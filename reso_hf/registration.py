@@ -1,19 +1,43 @@
 """Registration of ResoLLM with the transformers Auto classes (idempotent)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from .modeling import ResoLLMConfig, ResoLLMForCausalLM, ResoLLMModel
+from .modeling import (
+    ResoLLMConfig,
+    ResoLLMForCausalLM,
+    ResoLLMForQuestionAnswering,
+    ResoLLMForSequenceClassification,
+    ResoLLMForTokenClassification,
+    ResoLLMModel,
+)
 from .modeling.tokenization_reso_llm import ResoTokenizer
+
+# Auto class -> ResoLLM class; each is registered and writes its `auto_map` entry when saved.
+AUTO_CLASSES = {
+    AutoModel: ResoLLMModel,
+    AutoModelForCausalLM: ResoLLMForCausalLM,
+    AutoModelForSequenceClassification: ResoLLMForSequenceClassification,
+    AutoModelForTokenClassification: ResoLLMForTokenClassification,
+    AutoModelForQuestionAnswering: ResoLLMForQuestionAnswering,
+}
 
 
 def register_reso_llm() -> None:
-    """Make `reso_llm` known to AutoConfig/AutoModel/AutoModelForCausalLM/AutoTokenizer, and mark the
+    """Make `reso_llm` known to AutoConfig, AutoTokenizer and the model Auto classes of `AUTO_CLASSES`, and mark the
     classes so that `save_pretrained` writes `auto_map` and copies their code into the checkpoint."""
     AutoConfig.register(ResoLLMConfig.model_type, ResoLLMConfig, exist_ok=True)
-    AutoModel.register(ResoLLMConfig, ResoLLMModel, exist_ok=True)
-    AutoModelForCausalLM.register(ResoLLMConfig, ResoLLMForCausalLM, exist_ok=True)
+    for auto_class, model_class in AUTO_CLASSES.items():
+        auto_class.register(ResoLLMConfig, model_class, exist_ok=True)
     AutoTokenizer.register(ResoLLMConfig, fast_tokenizer_class=ResoTokenizer, exist_ok=True)
     ResoLLMConfig.register_for_auto_class()
-    ResoLLMModel.register_for_auto_class("AutoModel")
-    ResoLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    for auto_class, model_class in AUTO_CLASSES.items():
+        model_class.register_for_auto_class(auto_class.__name__)
     ResoTokenizer.register_for_auto_class("AutoTokenizer")

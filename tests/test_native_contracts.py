@@ -2,8 +2,17 @@
 `return_dict_in_generate`, `inputs_embeds`, `resize_token_embeddings`, static cache, `torch.compile(fullgraph=True)`,
 `torch.export`, RoPE scaling, the tensor-parallel plan and the generic task heads."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import transformers
+from isolation import run_without_reso_hf
 from safetensors.torch import load_file, save_file
 from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
@@ -11,6 +20,7 @@ from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 import reso_hf
+from reso_hf.modeling.configuration_reso_llm import RESONANT_TP_PLAN
 from reso_hf.modeling.resonance import prime_code_table
 
 PROMPT = torch.tensor([[4, 5, 6, 7], [0, 8, 9, 10]])
@@ -227,3 +237,92 @@ def test_rope_parameters_round_trip_and_bad_values_are_named():
         reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_parameters={"rope_type": "cubic"})
     with pytest.raises(ValueError, match=r"rope_parameters=.* is invalid: .*\{'factor'\}"):
         reso_hf.ResoLLMConfig(rope_spectrum="geometric", rope_parameters={"rope_type": "linear"})
+
+
+# -------------------------------------------------------------------------------- 6. generic task heads
+
+HEADS = {
+    "AutoModelForSequenceClassification": ("ResoLLMForSequenceClassification", (2, 3)),
+    "AutoModelForTokenClassification": ("ResoLLMForTokenClassification", (2, 4, 3)),
+    "AutoModelForQuestionAnswering": ("ResoLLMForQuestionAnswering", (2, 4)),
+}
+
+
+@pytest.mark.parametrize("auto_name", HEADS)
+def test_generic_heads_train_save_and_load_through_their_auto_class(auto_name, tmp_path):
+    class_name, logits_shape = HEADS[auto_name]
+    auto_class = getattr(transformers, auto_name)
+    torch.manual_seed(0)
+    config = micro_config(num_labels=3)
+    model = auto_class.from_config(config)
+    assert type(model).__name__ == class_name and type(model.model).__name__ == "ResoLLMModel"
+    if auto_name == "AutoModelForQuestionAnswering":
+        labels = dict(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 3]))
+        out = model(PROMPT, attention_mask=PROMPT_MASK, **labels)
+        assert out.start_logits.shape == logits_shape
+    else:
+        labels = torch.tensor([0, 2]) if len(logits_shape) == 2 else torch.tensor([[0, 1, 2, 1]] * 2)
+        out = model(PROMPT, attention_mask=PROMPT_MASK, labels=labels)
+        assert out.logits.shape == logits_shape
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+    model.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"][auto_name].endswith(class_name)
+    reloaded = auto_class.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        first = model(PROMPT, attention_mask=PROMPT_MASK)
+        second = reloaded(PROMPT, attention_mask=PROMPT_MASK)
+    key = "start_logits" if auto_name == "AutoModelForQuestionAnswering" else "logits"
+    assert torch.equal(first[key], second[key])
+
+
+def test_sequence_classification_head_loads_with_remote_code_where_reso_hf_is_not_installed(tmp_path):
+    torch.manual_seed(0)
+    model = reso_hf.ResoLLMForSequenceClassification(micro_config(num_labels=3)).eval()
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        expected = model(PROMPT, attention_mask=PROMPT_MASK).logits
+    output = run_without_reso_hf(
+        f"""
+        import torch
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        with torch.no_grad():
+            logits = model(torch.tensor({PROMPT.tolist()}), attention_mask=torch.tensor({PROMPT_MASK.tolist()})).logits
+        print(type(model).__name__, logits.tolist())
+        """,
+        tmp_path,
+    )
+    name, values = output.strip().split(" ", 1)
+    assert name == "ResoLLMForSequenceClassification"
+    assert torch.allclose(torch.tensor(json.loads(values)), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 6. tensor-parallel plan
+
+
+def test_tensor_parallel_plan_names_existing_modules_with_llamas_styles():
+    model = reso_hf.ResoLLMForCausalLM(micro_config(agency={"enabled": True}))  # every planned component on
+    plan = model.config.base_model_tp_plan
+    assert plan == {**transformers.LlamaConfig.base_model_tp_plan, **RESONANT_TP_PLAN}
+    module_names = [name for name, _ in model.model.named_modules()] + [name for name, _ in model.model.named_parameters()]
+    for pattern in plan:
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        assert any(regex.match(name) for name in module_names), pattern
+    assert model._tp_plan["lm_head"] == "colwise_gather_output"
+    assert model._tp_plan["model.layers.*.self_attn.kuramoto.coupling"] == "colwise"  # the base plan, prefixed
+
+
+def test_tensor_parallel_with_two_cpu_processes_matches_the_unsharded_model(tmp_path):
+    micro_model().save_pretrained(tmp_path / "model")  # every component on, tied embeddings
+    worker = Path(__file__).parent / "tensor_parallel_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(tmp_path / "model"), str(tmp_path / "result.json")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["local_coupling_heads"] == 1  # 2 key/value heads split in two
+    assert result["max_logit_difference"] < 1e-5 and result["same_generation"]

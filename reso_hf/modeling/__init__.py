@@ -14,4 +14,11 @@ from .configuration_reso_llm import (
     small_config,
     tiny_config,
 )
-from .modeling_reso_llm import ResoLLMForCausalLM, ResoLLMModel, ResoLLMPreTrainedModel
+from .modeling_reso_llm import (
+    ResoLLMForCausalLM,
+    ResoLLMForQuestionAnswering,
+    ResoLLMForSequenceClassification,
+    ResoLLMForTokenClassification,
+    ResoLLMModel,
+    ResoLLMPreTrainedModel,
+)

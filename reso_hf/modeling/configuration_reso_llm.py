@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from transformers import PretrainedConfig
+from transformers import LlamaConfig, PretrainedConfig
 
 RESO_HF_VERSION = "0.1.0"
 GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
@@ -167,6 +167,18 @@ class StochasticResonanceConfig(_SubConfig):
     escape_threshold: float = _number(0.5, 0.0, 1.0, "Repetition score above which noise is added.")
 
 
+# Tensor parallelism of the resonant parts, beside Llama's plan for the attention and MLP projections: the Kuramoto
+# phase projection and per-head coupling are split by key/value head like `k_proj` (the module then runs on its local
+# shards), and the goal/memory prefix projections like `k_proj`/`v_proj`. The prime code, coherence gates and concept
+# bank act on full hidden states and stay replicated.
+RESONANT_TP_PLAN = {
+    "layers.*.self_attn.kuramoto.phase_proj": "colwise",
+    "layers.*.self_attn.kuramoto.coupling": "colwise",
+    "layers.*.self_attn.kuramoto": "local_params",
+    "layers.*.self_attn.prefix_key_proj": "colwise",
+    "layers.*.self_attn.prefix_value_proj": "colwise",
+}
+
 SUB_CONFIGS = {
     "agency": AgencyConfig,
     "prsc": PRSCConfig,
@@ -194,6 +206,8 @@ class ResoLLMConfig(PretrainedConfig):
 
     model_type = "reso_llm"
     keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {**LlamaConfig.base_model_tp_plan, **RESONANT_TP_PLAN}
+    base_model_pp_plan = dict(LlamaConfig.base_model_pp_plan)
     attribute_map = {
         "dim": "hidden_size",
         "num_layers": "num_hidden_layers",

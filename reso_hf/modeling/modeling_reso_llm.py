@@ -17,7 +17,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -191,7 +196,7 @@ class ResoLLMAttention(nn.Module):
 
         # Complete the positional half-angles with the content phase in the reserved last pair.
         content_cos, content_sin = self._content_phases(hidden_states, token_mask, segment_starts, past_key_values)
-        shape = (content_cos.shape[0], self.num_key_value_heads, -1, -1)
+        shape = (content_cos.shape[0], content_cos.shape[1], -1, -1)  # local key/value heads under tensor parallelism
         cos, sin = cos.expand(shape), sin.expand(shape)
         content_cos, content_sin = content_cos.to(cos.dtype), content_sin.to(sin.dtype)
         key_cos = torch.cat([cos, content_cos, cos, content_cos], dim=-1)
@@ -1017,4 +1022,46 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         )
 
 
-__all__ = ["ResoLLMPreTrainedModel", "ResoLLMModel", "ResoLLMForCausalLM"]
+# The generic task heads, as for Llama. Their backbone is built here rather than by the generic
+# `AutoModel.from_config`, which a trust_remote_code checkpoint could not resolve where reso_hf is not installed.
+
+
+class ResoLLMForSequenceClassification(GenericForSequenceClassification, ResoLLMPreTrainedModel):
+    def __init__(self, config: ResoLLMConfig):
+        ResoLLMPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ResoLLMModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+class ResoLLMForTokenClassification(GenericForTokenClassification, ResoLLMPreTrainedModel):
+    def __init__(self, config: ResoLLMConfig):
+        ResoLLMPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ResoLLMModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels,
+                               bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
+class ResoLLMForQuestionAnswering(GenericForQuestionAnswering, ResoLLMPreTrainedModel):
+    def __init__(self, config: ResoLLMConfig):
+        ResoLLMPreTrainedModel.__init__(self, config)
+        self.model = ResoLLMModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    set_input_embeddings = ResoLLMPreTrainedModel.set_input_embeddings  # keeps the prime code when resizing
+
+
+__all__ = [
+    "ResoLLMPreTrainedModel",
+    "ResoLLMModel",
+    "ResoLLMForCausalLM",
+    "ResoLLMForSequenceClassification",
+    "ResoLLMForTokenClassification",
+    "ResoLLMForQuestionAnswering",
+]

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 
 from .primes import first_primes
 
@@ -90,7 +91,15 @@ class ResoLLMTokenEmbedding(nn.Embedding):
         return wrapped
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return super().forward(input_ids) + self.prime_code(input_ids)
+        embeddings = super().forward(input_ids)
+        if isinstance(embeddings, DTensor):
+            # Tensor parallelism: the vocabulary-parallel lookup gives per-rank partial sums over replicated ids;
+            # the prime code is computed whole on every rank, so it joins as a replicated term.
+            local_ids = input_ids.to_local() if isinstance(input_ids, DTensor) else input_ids
+            codes = DTensor.from_local(self.prime_code(local_ids), embeddings.device_mesh, [Replicate()],
+                                       run_check=False)
+            return embeddings.redistribute(placements=[Replicate()]) + codes
+        return embeddings + self.prime_code(input_ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import transformers
 from isolation import run_without_reso_hf
 from safetensors.torch import load_file, save_file
 from reso_test_models import ALL_SWITCHES, micro_config, micro_model, switch_id
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -326,3 +327,10 @@ def test_tensor_parallel_with_two_cpu_processes_matches_the_unsharded_model(tmp_
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["local_coupling_heads"] == 1  # 2 key/value heads split in two
     assert result["max_logit_difference"] < 1e-5 and result["same_generation"]
+
+
+def test_cache_layers_that_cannot_keep_the_phase_sums_are_refused_by_name():
+    cache = DynamicCache()
+    cache.layers.extend([DynamicSlidingWindowLayer(sliding_window=4) for _ in range(2)])  # as quantized layers are
+    with pytest.raises(ValueError, match="cache layer 0 is a DynamicSlidingWindowLayer. Supported: an empty"):
+        micro_model()(PROMPT, past_key_values=cache, use_cache=True)

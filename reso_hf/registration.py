@@ -2,7 +2,8 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .modeling import ResoLLMConfig, ResoLLMForCausalLM, ResoLLMModel
+from .dynamic_lora.serialization import apply_umask_mode_to_safetensors
+from .modeling import ResoLLMConfig, ResoLLMForCausalLM, ResoLLMModel, ResoLLMPreTrainedModel
 from .modeling.tokenization_reso_llm import ResoTokenizer
 
 
@@ -17,3 +18,10 @@ def register_reso_llm() -> None:
     ResoLLMModel.register_for_auto_class("AutoModel")
     ResoLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     ResoTokenizer.register_for_auto_class("AutoTokenizer")
+    if _weights_mode_save_hook not in ResoLLMPreTrainedModel._post_save_hooks:
+        ResoLLMPreTrainedModel._post_save_hooks.append(_weights_mode_save_hook)
+
+
+def _weights_mode_save_hook(model, save_directory) -> None:
+    """The weights get the umask's mode like the other saved files (safetensors >= 0.8 writes them 0600)."""
+    apply_umask_mode_to_safetensors(str(save_directory))

@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
-from ..dynamic_lora.serialization import atomic_write_text
+from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
 
 STAGING_DIR = ".staging"
 TRAINING_ARGS_JSON = "training_args.json"
@@ -79,6 +79,7 @@ class AtomicCheckpointTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        apply_umask_mode_to_safetensors(output_dir)
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if os.path.exists(pickled):
             os.remove(pickled)

@@ -25,7 +25,7 @@ import math
 import os
 from datetime import datetime, timezone
 
-from ..dynamic_lora.serialization import atomic_write_text
+from ..dynamic_lora.serialization import atomic_write_bytes, atomic_write_text
 
 RUN_SUMMARY_NAME = "run_summary.json"
 RUN_SUMMARY_SCHEMA = "reso-hf/run_summary/v1"
@@ -85,16 +85,7 @@ def write_loss_plot(log_history: list[dict], path: str, title: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def write_bytes_atomic(path: str, payload: bytes) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run_summary(kind: str, trainer, train_result, eval_metrics: dict, data_args, data_stats, model_info: dict,

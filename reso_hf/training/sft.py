@@ -27,11 +27,12 @@ from transformers import (
 )
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
+from ..dynamic_lora.serialization import atomic_write_bytes
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets
 from .pretrain import resume_checkpoint
 from ..hub import write_card
-from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_bytes_atomic, write_json, write_loss_plot
+from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
 from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
 
 ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
@@ -116,7 +117,7 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from transformers.trainer_pt_utils import safe_globals
 
 import reso_hf
 from reso_hf.training import pretrain, sft
-from reso_hf.training.arguments import parse_recipe, recipe_to_argv
+from reso_hf.training.arguments import ArgumentError, parse_recipe, recipe_to_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RECIPE = str(ROOT / "recipes/reso_llm/pretrain_sample.yaml")
@@ -73,15 +74,54 @@ def test_cli_flags_override_the_recipe():
     assert (training_args.max_steps, data_args.block_size, model_args.model_preset) == (7, 32, "tiny")
 
 
-def test_unknown_recipe_field_is_an_error_naming_it(tmp_path, capsys):
+def test_unknown_recipe_field_is_an_error_naming_it(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model_preset: tiny\nlearnig_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown field 'learnig_rate'; did you mean \['learning_rate'"):
+    with pytest.raises(ArgumentError, match=r"bad\.yaml: unknown field 'learnig_rate'; did you mean \['learning_rate'"):
         parse_recipe(pretrain.ARGUMENT_TYPES, str(recipe), [])
-    recipe.write_text("model_preset: huge\n")
-    with pytest.raises(SystemExit):  # argparse's error, naming the field and the allowed values
-        parse_recipe(pretrain.ARGUMENT_TYPES, str(recipe), [])
-    assert "--model_preset/--model-preset: invalid choice: 'huge' (choose from 'tiny'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, flags, message", [
+    # a bad recipe value names the recipe file and the field
+    ("model_preset: huge\n", [], r"^RECIPE: field 'model_preset': invalid choice: 'huge' \(choose from 'tiny', "),
+    ("learning_rate: fast\n", [], r"^RECIPE: field 'learning_rate': invalid float value: 'fast'$"),
+    ("max_steps: [10, 20]\n", [], r"^RECIPE: field 'max_steps' takes one integer, got the list \[10, 20\]$"),
+    ("max_steps: [10]\n", [], r"^RECIPE: field 'max_steps' takes one integer, got the list \[10\]$"),
+    ("seed: {a: 1}\n", [], r"^RECIPE: field 'seed' takes one integer, got the mapping \{'a': 1\}$"),
+    ("learning_rate: -3.0e-4\n", [], r"^RECIPE: learning_rate must be >= 0, got -0\.0003$"),
+    ("per_device_train_batch_size: 0\n", [], r"^RECIPE: per_device_train_batch_size must be >= 1, got 0$"),
+    ("adam_beta2: 1.5\n", [], r"^RECIPE: adam_beta2 must be in \[0, 1\), got 1\.5$"),
+    ("max_steps: 0\n", [], r"^RECIPE: max_steps must be > 0, or -1 to train num_train_epochs, got 0$"),
+    ("config_overrides: '{bad'\n", [], r"^RECIPE: config_overrides must be a JSON object \(a mapping in YAML\)"),
+    ("[1, 2]\n", [], r"^RECIPE: a recipe must be a YAML mapping of field: value, got list$"),
+    ("a: [1\n", [], r"^RECIPE: not valid YAML: while parsing a flow sequence"),
+    # a bad flag names the flag
+    ("", ["--max_stepz", "3"], r"^unknown flag --max_stepz; did you mean --max_steps\?$"),
+    ("", ["--max_step", "3"], r"^unknown flag --max_step; did you mean --max_steps"),  # no silent abbreviation
+    ("", ["--max_steps", "3", "4"], r"^unexpected value '4'"),
+    ("", ["--learning_rate", "fast"], r"^--learning_rate: invalid float value: 'fast'$"),
+    ("learning_rate: 0.1\n", ["--learning_rate", "-1"], r"^learning_rate must be >= 0, got -1\.0$"),
+])
+def test_bad_recipe_values_and_flags_are_named_before_anything_is_loaded(tmp_path, recipe, flags, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ArgumentError, match=message.replace("RECIPE", re.escape(str(path)))):
+        parse_recipe(pretrain.ARGUMENT_TYPES, str(path), flags)
+
+
+def test_a_missing_recipe_is_named():
+    with pytest.raises(FileNotFoundError, match=r"^recipe file 'missing\.yaml' does not exist$"):
+        parse_recipe(pretrain.ARGUMENT_TYPES, "missing.yaml", [])
+
+
+def test_a_negative_learning_rate_fails_before_the_data_is_loaded(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded before the arguments were checked")
+
+    monkeypatch.setattr(pretrain, "build_datasets", no_loading)
+    monkeypatch.setattr(pretrain, "build_tokenizer", no_loading)
+    with pytest.raises(ArgumentError, match="learning_rate must be >= 0, got -0.001"):
+        pretrain.main(SAMPLE_RECIPE, ["--learning_rate", "-0.001", "--output_dir", str(tmp_path)])
 
 
 def test_yaml_values_get_cli_type_conversion():

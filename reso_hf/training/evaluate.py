@@ -24,11 +24,19 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from ..metrics import metric_path
-from .arguments import DataArguments, EvalArguments, parse_recipe
-from .data import IGNORE_INDEX, build_datasets, load_raw_splits, parse_guanaco, resolve_chat_template
+from .arguments import DataArguments, EvalArguments, parse_recipe, require_existing_local_path
+from .data import (
+    IGNORE_INDEX,
+    build_datasets,
+    check_vocabulary,
+    load_raw_splits,
+    parse_guanaco,
+    resolve_chat_template,
+)
 from ..hub import write_card
 from .reporting import utc_now, write_json
 
+ARGUMENT_TYPES = (EvalArguments, DataArguments)
 EVAL_RESULTS_NAME = "eval_results.json"
 EVAL_RESULTS_SCHEMA = "reso-hf/eval_results/v1"
 
@@ -88,8 +96,10 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
     if not eval_args.model:
         raise ValueError("--model is required (a model folder or Hub id)")
     split = evaluation_split(data_args, data)
+    require_existing_local_path(eval_args.model, "--model")
     tokenizer = AutoTokenizer.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
+    check_vocabulary(tokenizer, model, eval_args.model)
     train, evaluation, stats = build_datasets(data_args, tokenizer)
     dataset = train if split == "train" else evaluation
     if dataset is None:
@@ -145,7 +155,7 @@ def main(recipe: str | None, argv: list[str]) -> int:
         data, argv = argv[index + 1: end], argv[:index] + argv[end:]
         if not data:
             raise ValueError("--data needs at least one file (jsonl, parquet or arrow)")
-    eval_args, data_args = parse_recipe((EvalArguments, DataArguments), recipe, argv)
+    eval_args, data_args = parse_recipe(ARGUMENT_TYPES, recipe, argv)
     results = run(eval_args, data_args, data)
     print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens)")
     for sample in results["samples"]:

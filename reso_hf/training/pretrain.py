@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .. import modeling
 from ..modeling.tokenization_reso_llm import create_default_tokenizer, train_tokenizer
-from .arguments import DataArguments, PretrainArguments, json_mapping, parse_recipe
+from .arguments import ArgumentError, DataArguments, PretrainArguments, json_mapping, parse_recipe
 from .data import build_datasets, load_raw_splits
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
@@ -64,6 +64,9 @@ def build_model(model_args: PretrainArguments, tokenizer, block_size: int):
     settings = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     settings.update(json_mapping(model_args.config_overrides, "config_overrides"))
+    if settings["vocab_size"] < len(tokenizer):
+        raise ArgumentError(f"config_overrides: vocab_size {settings['vocab_size']} is smaller than the tokenizer's "
+                            f"{len(tokenizer)} tokens; leave vocab_size out (it is taken from the tokenizer)")
     config = preset(**settings)
     if config.max_position_embeddings < block_size:
         raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings "

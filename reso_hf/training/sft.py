@@ -28,8 +28,8 @@ from transformers import (
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
 from ..dynamic_lora.serialization import atomic_write_bytes
-from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
-from .data import build_datasets
+from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe, require_existing_local_path
+from .data import build_datasets, check_vocabulary
 from .pretrain import resume_checkpoint
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
@@ -44,6 +44,7 @@ def model_location(sft_args: SftArguments) -> tuple[str, dict]:
     """(folder or Hub id, extra from_pretrained kwargs) for a Hub id, a folder or a .gguf file."""
     if not sft_args.base_model:
         raise ValueError("--base_model is required: a Hub id, a local folder, or a .gguf file")
+    require_existing_local_path(sft_args.base_model, "--base_model")
     kwargs = {"trust_remote_code": sft_args.trust_remote_code}
     if sft_args.base_model.endswith(".gguf"):
         if not os.path.isfile(sft_args.base_model):
@@ -126,11 +127,13 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
     if training_args.process_index == 0:
         clean_staging(training_args.output_dir)
+    lora_config = dynamic_lora_config(sft_args)  # every DynamicLoraConfig value is checked before any loading
     set_seed(training_args.seed)
     base, tokenizer = load_base(sft_args)
+    check_vocabulary(tokenizer, base, sft_args.base_model)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
-    model = get_peft_model(base, dynamic_lora_config(sft_args))
+    model = get_peft_model(base, lora_config)
     tuner = find_dynamic_lora_tuner(model)
     if checkpoint is not None:
         tuner.load_dynamics_state(checkpoint)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,8 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((interrupted / "run_summary.json").read_text())
     assert summary["training"]["resumed_from"] == str(interrupted / survivors[-1])
+    uninterrupted = json.loads((reference / "run_summary.json").read_text())
+    assert summary["training"]["train_loss"] == pytest.approx(uninterrupted["training"]["train_loss"], rel=1e-6)
     assert not (interrupted / ".staging").exists()
     card = (interrupted / "model" / "README.md").read_text()  # written once the run summary exists
     assert "reso-llm" in card and f"| optimizer steps | {summary['training']['global_step']} |" in card
@@ -194,7 +197,96 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
-        pretrain.resume_checkpoint(str(tmp_path), True)
+        pretrain.run(*parse_recipe(pretrain.ARGUMENT_TYPES, SAMPLE_RECIPE, ["--output_dir", str(tmp_path), "--resume"]))
+
+
+# ----------------------------------------------------------------------------------------------- output folder
+
+
+def micro_run(output_dir, *flags):
+    arguments = parse_recipe(pretrain.ARGUMENT_TYPES, SAMPLE_RECIPE, [
+        "--output_dir", str(output_dir), *MICRO_FLAGS, "--max_steps", "6", "--save_steps", "3", "--save_total_limit",
+        "10", "--eval_strategy", "no", "--max_train_samples", "24", "--disable_tqdm", "true", *flags])
+    return pretrain.run(*arguments, quiet=True)
+
+
+def folder_snapshot(output_dir):
+    return {str(path.relative_to(output_dir)): (path.stat().st_mtime_ns, path.read_bytes())
+            for path in sorted(Path(output_dir).rglob("*")) if path.is_file()}
+
+
+def test_output_dir_holding_a_run_is_refused_resumed_finished_or_overwritten(tmp_path, capsys):
+    from reso_hf.training.run_folder import OutputDirError
+
+    previous_umask = os.umask(0o022)
+    try:
+        reference = micro_run(tmp_path / "run")
+    finally:
+        os.umask(previous_umask)
+    out = tmp_path / "run"
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644  # the umask's mode, not 0600
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    fingerprint = json.loads((out / "run_fingerprint.json").read_text())
+    assert fingerprint["fields"]["seed"] == 0 and fingerprint["data_files"]["train"][0]["file"] == "(bundled sample)"
+    assert "output_dir" not in fingerprint["fields"] and "logging_steps" not in fingerprint["fields"]
+    finished = folder_snapshot(out)
+    capsys.readouterr()
+
+    # the same finished run again, or --resume of it: nothing to do, nothing touched (item 3)
+    assert micro_run(out) == reference
+    assert capsys.readouterr().out.strip() == (f"{out} already holds this run, finished at step 6 of 6; nothing to "
+                                               f"do (--overwrite_output_dir trains it again)")
+    assert micro_run(out, "--resume") == reference
+    assert capsys.readouterr().out.strip() == f"{out} holds a finished run (step 6 of 6); nothing to do"
+    assert folder_snapshot(out) == finished
+
+    # a different run is refused, naming the folder, what differs and both options (item 2)
+    with pytest.raises(OutputDirError, match=re.escape(
+            f"{out} already holds a different run (learning_rate: 0.003 -> 0.001; seed: 0 -> 1); --resume continues "
+            f"it, --overwrite_output_dir deletes it and starts this run, or choose another --output_dir")):
+        micro_run(out, "--seed", "1", "--learning_rate", "0.001")
+    assert folder_snapshot(out) == finished
+
+    # killed after its last checkpoint, before model/ was written: finished from checkpoint-6 without training
+    # one step more (Trainer alone went to step 7 of 6), same weights and the whole run's mean loss (items 3, 4)
+    shutil.rmtree(out / "model")
+    (out / "run_summary.json").unlink()
+    restored = micro_run(out, "--resume")
+    assert restored["training"]["global_step"] == 6 and restored["training"]["resumed_from"] == str(out / "checkpoint-6")
+    assert restored["training"]["train_loss"] == pytest.approx(reference["training"]["train_loss"], rel=1e-9)
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(out))
+
+    # killed after checkpoint-3: the resumed run reports the mean loss of all 6 steps, not of steps 4-6 (item 4)
+    shutil.rmtree(out / "model")
+    shutil.rmtree(out / "checkpoint-6")
+    (out / "run_summary.json").unlink()
+    resumed = micro_run(out, "--resume")
+    assert resumed["training"]["global_step"] == 6 and resumed["training"]["resumed_from"] == str(out / "checkpoint-3")
+    assert resumed["training"]["train_loss"] == pytest.approx(reference["training"]["train_loss"], rel=1e-6)
+    card = (out / "model" / "README.md").read_text()
+    assert f"| final mean training loss | {resumed['training']['train_loss']:.4g}" in card
+
+    # --overwrite_output_dir replaces the run: the old checkpoints are gone, the new fingerprint is recorded
+    (out / "notes.txt").write_text("not written by a run")
+    replaced = micro_run(out, "--seed", "1", "--overwrite_output_dir", "--max_steps", "3")
+    assert replaced["training"]["global_step"] == 3 and replaced["training"]["seed"] == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((out / "run_fingerprint.json").read_text())["fields"]["seed"] == 1
+    assert (out / "notes.txt").read_text() == "not written by a run"  # only what a run writes is deleted
+
+    # a run written without a fingerprint (older reso-hf) is not replaced silently either
+    (out / "run_fingerprint.json").unlink()
+    with pytest.raises(OutputDirError, match=r"already holds a run \(checkpoint-3, model/, run_summary.json\) with "
+                                             r"no run_fingerprint.json to compare with; --resume continues it"):
+        micro_run(out, "--seed", "1", "--max_steps", "3")
+    with pytest.raises(OutputDirError, match="give only one of them"):
+        micro_run(out, "--resume", "--overwrite_output_dir")
+
+
+def assert_same_weights(expected, actual):
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
 
 
 # ----------------------------------------------------------------------------------------------- DDP

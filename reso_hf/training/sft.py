@@ -30,13 +30,12 @@ from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_
 from ..dynamic_lora.serialization import atomic_write_bytes
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe, require_existing_local_path
 from .data import build_datasets, check_vocabulary
-from .pretrain import resume_checkpoint
 from ..hub import write_card
-from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
-from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
+from .reporting import DYNAMICS_PLOT_NAME, LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
+from .run_folder import prepare_output_dir
+from .trainer import AtomicCheckpointTrainer, train_and_evaluate
 
 ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
-DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"
 DEFAULT_DYNAMIC_LORA = {"target_modules": "all-linear"}
 
 
@@ -124,9 +123,11 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
-    checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
-    if training_args.process_index == 0:
-        clean_staging(training_args.output_dir)
+    plan = prepare_output_dir("sft", (sft_args, data_args, training_args), data_args, training_args,
+                              resume=sft_args.resume, overwrite=sft_args.overwrite_output_dir)
+    if plan.finished_summary is not None:
+        return plan.finished_summary
+    checkpoint = plan.checkpoint
     lora_config = dynamic_lora_config(sft_args)  # every DynamicLoraConfig value is checked before any loading
     set_seed(training_args.seed)
     base, tokenizer = load_base(sft_args)

@@ -40,6 +40,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
+from ..dynamic_lora.dynamics import HEALTH_STATES
 from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,43 @@ def publish_directory(source: str, target: str) -> None:
         os.replace(source, target)
 
 
+DYNAMIC_LORA_PREFIX = "dynamic_lora/"
+
+
+def console_logs(logs: dict) -> dict:
+    """A log entry as the console shows it: DynamicLoRA's metrics (about 15 per tier, 90 with the default tiers)
+    become one short `dynamic_lora` summary. `state.log_history` and the `report_to` integrations get every key."""
+    metrics = {key[len(DYNAMIC_LORA_PREFIX):]: value for key, value in logs.items() if key.startswith(DYNAMIC_LORA_PREFIX)}
+    if not metrics:
+        return logs
+    shown = {key: value for key, value in logs.items() if not key.startswith(DYNAMIC_LORA_PREFIX)}
+    parts = []
+    if "health" in metrics:
+        code = int(metrics["health"])
+        parts.append(HEALTH_STATES[code] if 0 <= code < len(HEALTH_STATES) else f"health {code}")
+    if "migrations_this_step" in metrics:
+        parts.append(f"{int(metrics['migrations_this_step'])} migrations")
+    screened = [value for key, value in metrics.items() if key.endswith("/screened_fraction")]
+    if screened:
+        parts.append(f"{sum(screened) / len(screened):.0%} screened (mean of {len(screened)} tiers)")
+    shown["dynamic_lora"] = ", ".join(parts) if parts else f"{len(metrics)} metrics"
+    return shown
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """Trainer's progress bar, printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
+class ConsolePrinterCallback(PrinterCallback):
+    """Trainer's printer (used with disable_tqdm), printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
 def read_run_loss(checkpoint: str) -> tuple[float, int] | None:
     """(sum of the per-step training losses, steps) recorded in a checkpoint; None for an older checkpoint."""
     path = os.path.join(checkpoint, RUN_LOSS_NAME)
@@ -84,6 +122,12 @@ def read_run_loss(checkpoint: str) -> tuple[float, int] | None:
 class AtomicCheckpointTrainer(Trainer):
     # sum of the per-step losses and steps before this `train()` call (a resumed run's earlier segments)
     _loss_before = (0.0, 0)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for default, concise in ((ProgressCallback, ConsoleProgressCallback), (PrinterCallback, ConsolePrinterCallback)):
+            if self.pop_callback(default) is not None:
+                self.add_callback(concise)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, whose `training_loss` is the mean over the whole run, and which only restores a
@@ -172,7 +216,8 @@ class AtomicCheckpointTrainer(Trainer):
 def train_and_evaluate(trainer: Trainer, checkpoint: str | None, quiet: bool):
     """`trainer.train` (resuming from `checkpoint`) then `evaluate` when there is an eval set.
 
-    `quiet` drops the console printer and progress bar (the demo prints its own summary).
+    `quiet` drops the console printer and progress bar (the demo prints its own summary); otherwise they print
+    `console_logs` of each entry.
     Returns `(train_result, eval_metrics)`.
     """
     if quiet:

@@ -375,6 +375,10 @@ def test_eval_writes_eval_results_with_loss_perplexity_and_samples(tmp_path):
     results = json.loads(Path(model_dir, "eval_results.json").read_text())
     assert results["schema"] == "reso-hf/eval_results/v1"
     assert results["dataset"]["rows"] == 7 and results["dataset"]["malformed_rows"] == 1
+    # a file given for evaluation is its dataset's test split, named by the file, not by its local path
+    assert (results["dataset"]["name"], results["dataset"]["split"]) == ("held_out.jsonl", "test")
+    assert results["dataset"]["assistant_only_loss"] is True  # no run_summary.json: the default, and it says so
+    assert results["dataset"]["assistant_only_loss_from"] == "default: the model folder has no run_summary.json"
     assert results["perplexity"] == pytest.approx(2.718281828 ** results["loss"])
     assert [m["type"] for m in results["metrics"]] == ["loss", "perplexity"]
     assert [s["prompt"] for s in results["samples"]] == ["q0?", "q1?"]
@@ -386,6 +390,41 @@ def test_eval_writes_eval_results_with_loss_perplexity_and_samples(tmp_path):
     metrics = card.data.eval_results
     assert {m.metric_type: m.metric_value for m in metrics} == {"loss": results["loss"],
                                                                   "perplexity": results["perplexity"]}
+    assert {(m.dataset_name, m.dataset_type, m.dataset_split) for m in metrics} == {("held_out.jsonl", "local", "test")}
+    assert str(tmp_path) not in card.content
+
+
+def test_eval_scores_the_tokens_the_model_was_trained_on_by_default(tmp_path, capsys):
+    from reso_hf.cli import main
+    from reso_hf.training.evaluate import ARGUMENT_TYPES, evaluation_split
+
+    model_dir = save_micro_model(tmp_path / "model")
+    summary = {"schema": "reso-hf/run_summary/v1", "kind": "pretrain", "model": {}, "training": {},
+               "data": {"assistant_only_loss": False}}  # pretrained on every token
+    Path(model_dir, "run_summary.json").write_text(json.dumps(summary))
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": f"### Human: question {i}?### Assistant: answer {i}."}) + "\n"
+                            for i in range(4)))
+    common = ["--data", str(data), "--num_samples", "0", "--block_size", "64"]
+    results = {}
+    for name, flags in (("default", []), ("all", ["--assistant_only_loss", "false"]),
+                        ("assistant", ["--assistant_only_loss", "true"])):
+        assert main(["eval", "--model", model_dir, "--output_file", str(tmp_path / f"{name}.json"), *common, *flags]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    printed = capsys.readouterr().out
+    assert "loss on every token, as the model was trained (run_summary.json); held_out.jsonl, split test)" in printed
+    assert results["default"]["dataset"]["assistant_only_loss"] is False
+    assert results["default"]["loss"] == results["all"]["loss"] and results["default"]["tokens"] == results["all"]["tokens"]
+    assert results["assistant"]["tokens"] < results["all"]["tokens"]
+    assert results["all"]["dataset"]["assistant_only_loss_from"] == "--assistant_only_loss"
+
+    # the recorded split of the other evaluation sources
+    _, data_args = parse_recipe(ARGUMENT_TYPES, None, ["--use_bundled_sample", "true"])
+    assert evaluation_split(data_args, None) == ("eval", "reso-hf guanaco sample", "train, held-out 0.1 (split_seed 0)")
+    _, data_args = parse_recipe(ARGUMENT_TYPES, None, ["--dataset_name", "org/data", "--eval_split", "validation"])
+    assert evaluation_split(data_args, None) == ("eval", "org/data", "validation")
+    _, data_args = parse_recipe(ARGUMENT_TYPES, None, ["--data_files", "a/train.jsonl", "--eval_data_files", "b/dev.jsonl"])
+    assert evaluation_split(data_args, None) == ("eval", "dev.jsonl", "test")
 
 
 def test_train_tokenizer_command(tmp_path):

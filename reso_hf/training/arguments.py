@@ -86,6 +86,15 @@ class DataArguments:
             return None
         return self.dataset_name
 
+    def display_name(self) -> str:
+        """A name for the data in cards and eval results: a Hub id, file names, or the bundled sample's name
+        (never a local path)."""
+        if self.use_bundled_sample:
+            return "reso-hf guanaco sample"
+        if self.data_files:
+            return ", ".join(os.path.basename(path) for path in self.data_files)
+        return os.path.basename(os.path.normpath(self.dataset_name)) if os.path.isdir(self.dataset_name) else self.dataset_name
+
     def source(self) -> str:
         if self.use_bundled_sample:
             return "bundled sample (reso_hf/data/guanaco_sample.jsonl)"

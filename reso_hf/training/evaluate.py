@@ -7,7 +7,10 @@ when the model returns it). Writes `eval_results.json` (atomically).
     schema      "reso-hf/eval_results/v1"
     created_at  ISO-8601 UTC time
     model       the evaluated folder or Hub id
-    dataset     {"source", "id" (Hub dataset id or null), "split", "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss"}
+    dataset     {"name" (Hub id, file names or the bundled sample; never a path), "source", "id" (Hub dataset id or
+                 null), "split" ("test" for --data and eval_data_files, the Hub eval_split, or the rows held out
+                 of train), "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss" (default: how
+                 the model was trained, from its run_summary.json), "assistant_only_loss_from"}
     metrics     [{"type": "loss" | "perplexity", "name": ..., "value": ...}]   (model-index style)
     loss, perplexity, tokens              (the same numbers, flat)
     stability   output of the local `stability` metric over the samples (ResoLLM only, else null)
@@ -16,6 +19,7 @@ when the model returns it). Writes `eval_results.json` (atomically).
 
 from __future__ import annotations
 
+import json
 import os
 
 import evaluate as hf_evaluate
@@ -24,7 +28,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from ..metrics import metric_path
-from .arguments import DataArguments, EvalArguments, parse_recipe, require_existing_local_path
+from .arguments import (
+    DEFAULT_ASSISTANT_ONLY_LOSS,
+    DataArguments,
+    EvalArguments,
+    parse_recipe,
+    require_existing_local_path,
+)
 from .data import (
     IGNORE_INDEX,
     build_datasets,
@@ -34,7 +44,7 @@ from .data import (
     resolve_chat_template,
 )
 from ..hub import write_card
-from .reporting import utc_now, write_json
+from .reporting import RUN_SUMMARY_NAME, utc_now, write_json
 
 ARGUMENT_TYPES = (EvalArguments, DataArguments)
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -84,19 +94,53 @@ def stability_statistics(samples: list[dict]) -> dict | None:
     return metric.compute(stability=[s["stability"] for s in samples], lyapunov=[s["lyapunov"] for s in samples])
 
 
-def evaluation_split(data_args: DataArguments, data: list[str] | None):
-    """With --data: every row of those files. Without: the eval split of the data arguments."""
+def evaluation_split(data_args: DataArguments, data: list[str] | None) -> tuple[str, str, str]:
+    """(the split of `build_datasets` to evaluate, its dataset name and its split name as recorded).
+
+    With --data: every row of those files, recorded as their `test` split (held-out data given for evaluation).
+    Without: the eval split of the data arguments: the Hub dataset's eval_split, `test` for eval_data_files, or
+    the rows held out of train (eval_fraction, split_seed)."""
     if data:
-        data_args.data_files, data_args.use_bundled_sample, data_args.eval_fraction = list(data), False, 0.0
-        return "train"  # the files as a whole
-    return "eval"
+        data_args.data_files, data_args.eval_data_files = list(data), None
+        data_args.use_bundled_sample, data_args.eval_fraction = False, 0.0
+        return "train", data_args.display_name(), "test"  # build_datasets calls the whole files "train"
+    if data_args.eval_data_files:
+        return "eval", ", ".join(os.path.basename(path) for path in data_args.eval_data_files), "test"
+    if not (data_args.use_bundled_sample or data_args.data_files) and data_args.eval_split:
+        return "eval", data_args.display_name(), data_args.eval_split
+    return "eval", data_args.display_name(), (f"train, held-out {data_args.eval_fraction:g} "
+                                              f"(split_seed {data_args.split_seed})")
+
+
+def trained_assistant_only_loss(model: str) -> bool | None:
+    """How the model in folder `model` was trained (its run_summary.json), or None when not recorded."""
+    path = os.path.join(model, RUN_SUMMARY_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        value = json.load(handle).get("data", {}).get("assistant_only_loss")
+    return value if isinstance(value, bool) else None
+
+
+def resolve_loss_tokens(eval_args: EvalArguments, data_args: DataArguments) -> str:
+    """Set `data_args.assistant_only_loss` when it was not given, and say where its value comes from: the
+    model's own training (run_summary.json), else the default (assistant tokens only)."""
+    if data_args.assistant_only_loss is not None:
+        return "--assistant_only_loss"
+    trained = trained_assistant_only_loss(eval_args.model)
+    if trained is not None:
+        data_args.assistant_only_loss = trained
+        return f"as the model was trained ({RUN_SUMMARY_NAME})"
+    data_args.assistant_only_loss = DEFAULT_ASSISTANT_ONLY_LOSS
+    return f"default: the model folder has no {RUN_SUMMARY_NAME}"
 
 
 def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | None = None) -> dict:
     if not eval_args.model:
         raise ValueError("--model is required (a model folder or Hub id)")
-    split = evaluation_split(data_args, data)
+    split, dataset_name, split_name = evaluation_split(data_args, data)
     require_existing_local_path(eval_args.model, "--model")
+    loss_tokens_from = resolve_loss_tokens(eval_args, data_args)
     tokenizer = AutoTokenizer.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
     check_vocabulary(tokenizer, model, eval_args.model)
@@ -120,9 +164,11 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
         "schema": EVAL_RESULTS_SCHEMA,
         "created_at": utc_now(),
         "model": eval_args.model,
-        "dataset": {"source": data_args.source(), "id": data_args.hub_dataset_id(), "split": split, "rows": summary["rows"].get(split),
+        "dataset": {"name": dataset_name, "source": data_args.source(), "id": data_args.hub_dataset_id(),
+                    "split": split_name, "rows": summary["rows"].get(split),
                     "malformed_rows": summary["malformed_rows"].get(split), "block_size": data_args.block_size,
-                    "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss},
+                    "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss,
+                    "assistant_only_loss_from": loss_tokens_from},
         "metrics": [{"type": "loss", "name": "held-out loss (nats/token)", "value": scores["loss"]},
                     {"type": "perplexity", "name": "held-out perplexity", "value": scores["perplexity"]}],
         **scores,
@@ -157,7 +203,10 @@ def main(recipe: str | None, argv: list[str]) -> int:
             raise ValueError("--data needs at least one file (jsonl, parquet or arrow)")
     eval_args, data_args = parse_recipe(ARGUMENT_TYPES, recipe, argv)
     results = run(eval_args, data_args, data)
-    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens)")
+    dataset = results["dataset"]
+    scored = "assistant tokens only" if dataset["assistant_only_loss"] else "every token"
+    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens; loss on "
+          f"{scored}, {dataset['assistant_only_loss_from']}; {dataset['name']}, split {dataset['split']})")
     for sample in results["samples"]:
         print(f"### Human: {sample['prompt']}\n### Assistant: {sample['completion']}\n")
     return 0

@@ -84,7 +84,9 @@ def run_fingerprint(kind: str, arguments, data_args) -> dict:
     for argument in arguments:
         items = argument.to_dict() if isinstance(argument, TrainingArguments) else asdict(argument)
         for name in (f.name for f in fields(argument) if f.init):
-            if name not in NOT_IN_FINGERPRINT:
+            if name == "assistant_only_loss":  # not given and given as its default are the same run
+                values[name] = argument.loss_on_assistant_only()
+            elif name not in NOT_IN_FINGERPRINT:
                 values[name] = _json_value(items.get(name, getattr(argument, name)))
     data = {}
     for split, paths in (local_files(data_args) or {}).items():

@@ -194,6 +194,8 @@ class AtomicCheckpointTrainer(Trainer):
 
     def _save(self, output_dir=None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # Trainer calls _save on every rank; only the saving one writes files
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         apply_umask_mode_to_safetensors(output_dir)
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)

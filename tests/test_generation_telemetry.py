@@ -262,10 +262,10 @@ def test_stability_enabled_adjusts_sampling_temperature_within_range():
     assert isinstance(model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, pad_token_id=0), torch.Tensor)
 
 
-def test_beam_search_with_telemetry_is_a_clear_error():
-    with pytest.raises(ValueError, match="num_beams=2 is not supported with ResoLLM telemetry"):
-        micro_model().generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, num_beams=2, pad_token_id=0,
-                               return_dict_in_generate=True)
+def test_beam_search_with_an_acting_extension_is_a_clear_error():
+    model = _enabled_model(stability={"enabled": True})
+    with pytest.raises(ValueError, match="num_beams=2 is not supported with stability.enabled or stochastic_resonance"):
+        model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, num_beams=2, pad_token_id=0)
 
 
 def test_state_is_per_model_and_per_call():

@@ -132,7 +132,7 @@ def test_left_padded_batch_matches_unpadded_rows(switches):
 # ------------------------------------------------------------------------------------------------
 
 COMPONENT_OF_SWITCH = {
-    "prime_embedding": (ResoLLMPrimeCode, "model.prime_code."),
+    "prime_embedding": (ResoLLMPrimeCode, "model.embed_tokens.prime_code."),
     "kuramoto": (ResoLLMKuramoto, ".self_attn.kuramoto."),
     "coherence_gating": (ResoLLMCoherenceGate, ".coherence_gate."),
 }
@@ -159,12 +159,19 @@ def test_switched_off_component_has_no_parameters_and_never_runs(switch):
     assert calls["on"] > 0 and calls["off"] == 0
 
 
-def test_kuramoto_off_adds_no_cache_layers_and_on_adds_one_per_layer():
-    for kuramoto, expected_layers in ((False, 2), (True, 4)):
+def test_cache_has_one_layer_per_decoder_layer_and_kuramoto_keeps_its_sums_in_it():
+    for kuramoto in (False, True):
         model = micro_model(kuramoto=kuramoto)
         with torch.no_grad():
             cache = model(torch.tensor([[4, 5, 6]]), use_cache=True).past_key_values
-        assert len(cache.layers) == expected_layers
+        assert len(cache) == len(cache.layers) == model.config.num_hidden_layers
+        phase_sums = [getattr(layer, "phase_sums", None) for layer in cache.layers]
+        if kuramoto:
+            # (B, H_kv, T, [sum cos, sum sin, count]): the count of real tokens runs 1, 2, 3.
+            assert all(s.shape == (1, 2, 3, 3) for s in phase_sums)
+            assert torch.equal(phase_sums[0][0, 0, :, 2], torch.tensor([1.0, 2.0, 3.0]))
+        else:
+            assert phase_sums == [None, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +204,8 @@ def test_prime_code_table_rows_are_the_token_primes_phasors():
 def test_embedding_adds_projected_prime_code():
     model = micro_model(prime_embedding=True)
     ids = torch.tensor([[3, 4, 5]])
-    expected = model.model.embed_tokens(ids) + model.model.prime_code.proj(model.model.prime_code.code_table[ids])
+    token_embedding = model.model.embed_tokens.weight[ids]
+    expected = token_embedding + model.model.prime_code.proj(model.model.prime_code.code_table[ids])
     captured = {}
     handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: captured.setdefault("x", args[0]))
     with torch.no_grad():
@@ -223,7 +231,7 @@ def test_kuramoto_step_matches_its_definition_and_chunking():
     module.phase_proj.weight.data.normal_(0, 2.0)
     hidden = torch.randn(1, 9, 8)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1]])  # two padding tokens on the left
-    cos_c, sin_c, order, phasor_sum, count = module(hidden, mask, None, None)
+    cos_c, sin_c, order, sums = module(hidden, mask, None, None)
 
     theta = (hidden @ module.phase_proj.weight.T).transpose(1, 2)[0].double()  # (H, T)
     for t in range(2, 9):
@@ -234,8 +242,10 @@ def test_kuramoto_step_matches_its_definition_and_chunking():
         assert torch.allclose(order[0, :, t].double(), z.abs(), atol=1e-5)
 
     first = module(hidden[:, :4], mask[:, :4], None, None)
-    rest = module(hidden[:, 4:], mask[:, 4:], first[3][:, :, -1:], first[4][:, :, -1:])
+    rest = module(hidden[:, 4:], mask[:, 4:], first[3][:, :, -1:], None)
     assert torch.allclose(torch.cat([first[0], rest[0]], dim=2), cos_c, atol=1e-6)
+    assert torch.allclose(torch.cat([first[3], rest[3]], dim=2), sums, atol=1e-6)
+    assert torch.equal(sums[0, 0, :, 2], torch.tensor([0.0, 0, 1, 2, 3, 4, 5, 6, 7]))  # padding is not counted
 
 
 def test_coherence_gate_spans_the_full_range():

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -247,3 +248,122 @@ def test_seed_readme_quick_start_and_stability_blocks(tokenizer):
     result = ResoLLMInference(ResoLLMForCausalLM(configured), tokenizer, configured).generate("Hello", max_length=8)
     for name in SEED_RESULT_FIELDS:
         assert hasattr(result, name)
+
+
+# ----------------------------------------------------------------------------- any causal LM, adapters
+
+
+def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list:
+    """Reference: `generate` called directly, cut after the first EOS."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    new = output[0, ids.shape[1]:].tolist()
+    return new[:new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
+
+
+def perturb_adapter(peft_model, seed: int) -> None:
+    """Adapters start as a no-op (B = 0); random B factors make their effect visible in the output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+
+
+def test_engine_generates_with_any_causal_lm_and_reports_no_reso_telemetry(tokenizer):
+    from tiny_gguf import tiny_llama
+
+    llama = tiny_llama(len(tokenizer))
+    engine = ResoLLMInference(llama, tokenizer, do_sample=False)
+    result = engine.generate("Once upon a time", max_length=8)
+    assert result.token_ids == greedy_ids(llama, tokenizer, "Once upon a time", 8)
+    assert result.tokens_generated == len(result.token_ids) and result.text == tokenizer.decode(
+        result.token_ids, skip_special_tokens=True)
+    assert (result.stability, result.lyapunov, result.entropy_trace, result.coherence_trace) == (None, None, [], [])
+    assert result.generation_time_ms > 0
+    assert result.metrics_line() == (f"[metrics] tokens={result.tokens_generated} "
+                                     f"time={result.generation_time_ms:.1f}ms warnings=0")
+    sampled = [engine.generate("Hi", max_length=6, do_sample=True, seed=7).token_ids for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the seed seeds torch's sampling (there is no resonance noise to seed)
+    with pytest.raises(ValueError, match="goals need a ResoLLM with agency.enabled=True; LlamaForCausalLM has none"):
+        engine.create_goal("be brief")
+    with pytest.raises(TypeError, match="model must be a causal LM that can generate .* got LlamaModel"):
+        ResoLLMInference(llama.model, tokenizer)
+
+
+def test_chat_with_a_llama_shows_what_it_has(tokenizer):
+    from tiny_gguf import tiny_llama
+
+    output = run_chat(ResoLLMInference(tiny_llama(len(tokenizer)), tokenizer, do_sample=False),
+                      "status\nhello\ngoal be brief\nexit\n")
+    lines = output.splitlines()
+    assert lines[0] == "LlamaForCausalLM chat. commands: exit | goal <description> | status | metrics"
+    assert lines[1].startswith("model: LlamaForCausalLM (") and "layers 2, hidden 32, vocab 259)" in lines[1]
+    assert lines[2] == "stability, ResoLLM switches and goals: unavailable (the model is not a ResoLLM)"
+    answer = next(i for i, line in enumerate(lines) if line.startswith("Assistant: "))
+    assert lines[answer + 1].startswith("[metrics] tokens=") and "stability" not in lines[answer + 1]
+    assert "error: goals need a ResoLLM with agency.enabled=True; LlamaForCausalLM has none" in output
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, tokenizer):
+    """A Llama folder, a plain LoRA adapter on it, and a DynamicLoRA adapter on a saved ResoLLM; with the
+    in-memory models they were written from."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_gguf import tiny_llama
+
+    from reso_hf import DynamicLoraConfig
+
+    root = tmp_path_factory.mktemp("folders")
+    llama = tiny_llama(len(tokenizer))
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    lora = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(task_type="CAUSAL_LM", r=4,
+                                                                 target_modules=["q_proj", "v_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(root / "llama")
+    perturb_adapter(lora, seed=1)
+    lora.save_pretrained(root / "lora")  # no tokenizer in it: the base model's is used
+    reso = make_model(3, stability={"enabled": True})
+    reso.save_pretrained(root / "reso")
+    tokenizer.save_pretrained(root / "reso")
+    dynamic = get_peft_model(make_model(3, stability={"enabled": True}), DynamicLoraConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+        tier_ranks={"foundation": 4, "domain": 4, "swarm": 2, "agent": 2, "context": 2}))
+    dynamic.peft_config["default"].base_model_name_or_path = str(root / "reso")
+    perturb_adapter(dynamic, seed=2)
+    dynamic.save_pretrained(root / "dynamic_lora")
+    tokenizer.save_pretrained(root / "dynamic_lora")
+    return root, {"llama": llama, "lora": lora.eval(), "dynamic_lora": dynamic.eval()}
+
+
+@pytest.mark.parametrize("folder", ["llama", "lora", "dynamic_lora"])
+def test_reso_hf_generate_takes_a_model_or_an_adapter_folder(folder, model_folders, tokenizer, capsys):
+    root, models = model_folders
+    assert cli_main(["generate", "--model", str(root / folder), "--prompt", "Once", "--max_new_tokens", "6",
+                     "--greedy", "--metrics"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    metrics = json.loads(printed[-1])
+    expected = greedy_ids(models[folder], tokenizer, "Once", 6)
+    assert metrics["token_ids"] == expected
+    if folder != "llama":  # the adapter changes the answer: it was loaded, not silently dropped
+        base = models["llama"] if folder == "lora" else make_model(3, stability={"enabled": True})
+        assert expected != greedy_ids(base, tokenizer, "Once", 6)
+    if folder == "dynamic_lora":  # a ResoLLM under the adapter: its telemetry comes through
+        assert metrics["stability"] in ("collapsed", "stable", "critical", "divergent")
+        assert len(metrics["entropy_trace"]) == metrics["tokens_generated"]
+    else:
+        assert metrics["stability"] is None and metrics["entropy_trace"] == []
+
+
+def test_reso_hf_chat_on_a_dynamic_lora_adapter_of_a_reso_llm_shows_its_telemetry(model_folders, capsys,
+                                                                                    monkeypatch):
+    root, _ = model_folders
+    monkeypatch.setattr(sys, "stdin", io.StringIO("status\nhello\nexit\n"))
+    assert cli_main(["chat", "--model", str(root / "dynamic_lora"), "--max_new_tokens", "3", "--greedy"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("ResoLLM chat. commands:")
+    assert "model: ResoLLMForCausalLM + DYNAMIC_LORA adapter (" in output and "extensions: stability=on" in output
+    assert "[metrics] stability=" in output and output.rstrip().endswith("bye")

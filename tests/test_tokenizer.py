@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, BatchEncoding
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 
 from reso_hf.modeling.primes import first_primes
 from reso_hf.tokenization import GUANACO_CHAT_TEMPLATE, ResoTokenizer, create_default_tokenizer, train_tokenizer
@@ -177,11 +177,17 @@ def test_roundtrip_tricky_strings_and_batches(any_tok, text):
     assert decoded == [text, text + "x"]
 
 
-def test_decode_rejects_out_of_vocabulary_ids(any_tok):
+def test_decode_skips_ids_past_the_vocabulary_like_fast_tokenizers(any_tok):
+    # A model whose embedding is padded past the tokenizer may sample such an id: decoding must not crash,
+    # and (as in transformers' fast tokenizers) it decodes to nothing.
     size = len(any_tok)
-    with pytest.raises(ValueError, match=rf"token id {size} is out of range; allowed range is 0\.\.{size - 1}"):
-        any_tok.decode([3, size])
-    with pytest.raises(ValueError, match=r"token id -1 is out of range"):
+    text = "a b"
+    ids = any_tok.encode(text)
+    assert any_tok.decode(ids + [size, size + 100]) == any_tok.decode(ids) == text
+    assert any_tok.batch_decode([[size], ids + [size + 1]]) == ["", text]
+    plain = PreTrainedTokenizerFast(tokenizer_object=any_tok.backend_tokenizer)
+    assert plain.decode(ids + [size]) == plain.decode(ids)  # the convention we follow
+    with pytest.raises(ValueError, match=r"token id -1 is invalid: expected an int >= 0"):
         any_tok.decode([-1])
 
 

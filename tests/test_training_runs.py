@@ -438,17 +438,6 @@ def test_train_tokenizer_command(tmp_path):
     assert 259 < len(tokenizer) <= 300 and tokenizer.decode(tokenizer("¿Qué?")["input_ids"]) == "¿Qué?"
 
 
-def test_sft_base_model_locations(tmp_path):
-    gguf = tmp_path / "SmolLM2.gguf"
-    gguf.write_bytes(b"")
-    assert sft.model_location(sft.SftArguments(base_model=str(gguf)))[1]["gguf_file"] == "SmolLM2.gguf"
-    assert sft.model_location(sft.SftArguments(base_model="org/model"))[0] == "org/model"
-    with pytest.raises(ValueError, match="--base_model is required"):
-        sft.model_location(sft.SftArguments())
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        sft.model_location(sft.SftArguments(base_model=str(tmp_path / "missing.gguf")))
-
-
 def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -218,6 +218,7 @@ class ResoLLMConfig(PretrainedConfig):
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
         rope_theta: float = 10000.0,
+        rope_parameters: dict | None = None,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         pad_token_id: int | None = 0,
@@ -262,6 +263,9 @@ class ResoLLMConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.rope_theta = rope_theta
+        # transformers standardises this dict (rope_type, rope_theta, scaling fields; a legacy `rope_scaling`
+        # kwarg is folded into it) in `PretrainedConfig.__init__`.
+        self.rope_parameters = dict(rope_parameters) if rope_parameters is not None else None
         self.tie_word_embeddings = tie_word_embeddings
         self.use_cache = use_cache
         self.prime_embedding = prime_embedding
@@ -276,13 +280,20 @@ class ResoLLMConfig(PretrainedConfig):
             setattr(self, name, cls.coerce(locals()[name], name))
         self.reso_hf_version = reso_hf_version
         self._validate_fields()
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        self.head_dim = self.resolved_head_dim  # as Llama does; transformers' RoPE functions read it
+        try:
+            super().__init__(
+                pad_token_id=pad_token_id,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                tie_word_embeddings=tie_word_embeddings,
+                **kwargs,
+            )
+        except KeyError as error:  # transformers' RoPE validation names the missing keys
+            if "rope_parameters" not in str(error):
+                raise
+            raise ValueError(f"rope_parameters={self.rope_parameters!r} is invalid: {error.args[0]}") from error
+        self._validate_rope_parameters()
 
     def _validate_fields(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -313,6 +324,24 @@ class ResoLLMConfig(PretrainedConfig):
         _check_range("", "coherence_sharpness", self.coherence_sharpness, 0.0, 1000.0, low_open=True)
         _check(self.hidden_act in ("silu", "gelu", "relu", "gelu_pytorch_tanh"), "hidden_act", self.hidden_act,
                "one of ('silu', 'gelu', 'relu', 'gelu_pytorch_tanh')")
+
+    def _validate_rope_parameters(self):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _check(isinstance(self.rope_parameters, dict), "rope_parameters", self.rope_parameters,
+               "a dict such as {'rope_type': 'llama3', 'factor': 8.0, ...} or None")
+        rope_type = self.rope_parameters["rope_type"]
+        allowed = ("default", *ROPE_INIT_FUNCTIONS)
+        _check(rope_type in allowed, "rope_parameters['rope_type']", rope_type, f"one of {allowed}")
+        _check(rope_type == "default" or self.rope_spectrum == "geometric", "rope_parameters['rope_type']", rope_type,
+               "'default' with rope_spectrum='golden' (RoPE scaling rescales the geometric spectrum)")
+        # One value, two names: `rope_theta` stays readable and the rotary embedding reads `rope_parameters`.
+        self.rope_theta = self.rope_parameters["rope_theta"]
+        _check_range("", "rope_parameters['rope_theta']", self.rope_theta, 1.0, 1e9, low_open=True)
+        try:  # transformers' own checks of the scaling fields (factor, original length, ...)
+            self.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters={self.rope_parameters!r} is invalid: {error.args[0]}") from error
 
     @property
     def resolved_head_dim(self) -> int:

@@ -586,7 +586,9 @@ class ResoLLMGenerationMixin(GenerationMixin):
 
     `generate` accepts two extra keyword arguments: `seed` (int, seeds the stochastic-resonance noise)
     and `keep_stability_window` (bool, default False: start the entropy window from the previous call's).
-    With both extensions off and `return_dict_in_generate` False it is exactly `GenerationMixin.generate`.
+    With both extensions off it is exactly `GenerationMixin.generate`, except that `return_dict_in_generate=True`
+    with greedy search or sampling returns `ResoGenerateOutput` (transformers' output plus telemetry); beam search
+    then returns transformers' own beam output.
     """
 
     # -- per-instance state -----------------------------------------------------------------------
@@ -651,8 +653,16 @@ class ResoLLMGenerationMixin(GenerationMixin):
         if not (stability_on or resonance_on or wants_dict):
             # Telemetry off: exactly the plain transformers path.
             return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
+        if not (stability_on or resonance_on) and self._beam_search_requested(generation_config, kwargs):
+            # Telemetry follows one row per sequence; a beam search asked only for transformers' own output
+            # (scores, beam indices), so it gets exactly that.
+            return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
         return self._reso_generate(inputs, generation_config, logits_processor, stopping_criteria, kwargs, seed,
                                    bool(keep_window), stability_on, resonance_on, wants_dict)
+
+    def _beam_search_requested(self, generation_config, kwargs) -> bool:
+        effective, _ = self._prepare_generation_config(generation_config, **dict(kwargs))
+        return (effective.num_beams or 1) > 1
 
     def _reso_generate(self, inputs, generation_config, logits_processor, stopping_criteria, kwargs, seed,
                        keep_window, stability_on, resonance_on, wants_dict):
@@ -661,9 +671,9 @@ class ResoLLMGenerationMixin(GenerationMixin):
         num_beams = effective.num_beams or 1
         if num_beams > 1:
             raise ValueError(
-                f"num_beams={num_beams} is not supported with ResoLLM telemetry, stability.enabled or "
-                "stochastic_resonance.enabled: they follow one row per sequence; use num_beams=1 (greedy or "
-                "sampling), or disable them and set return_dict_in_generate=False"
+                f"num_beams={num_beams} is not supported with stability.enabled or stochastic_resonance.enabled: "
+                "they act on one row per sequence; use num_beams=1 (greedy or sampling), or disable them in the "
+                "config for beam search"
             )
         do_sample = bool(effective.do_sample)
         base_temperature = float(effective.temperature) if do_sample and effective.temperature else 1.0

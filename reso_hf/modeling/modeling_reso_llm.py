@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -39,6 +40,7 @@ from .resonance import (
     ResoLLMCoherenceGate,
     ResoLLMKuramoto,
     ResoLLMPrimeCode,
+    ResoLLMTokenEmbedding,
     prime_code_table,
     prime_phasor,
     rotary_inverse_frequencies,
@@ -89,29 +91,42 @@ class ResoLLMMLP(LlamaMLP):
 class ResoLLMRotaryEmbedding(nn.Module):
     """Positional rotary phases in rotate-half layout (pair j = dims j and j + head_dim/2).
 
-    Without Kuramoto it returns full-width cos/sin exactly like Llama. With Kuramoto the last pair of
-    every head is reserved for the content phase, so it returns the ``head_dim/2 - 1`` positional
-    angles of one half; the attention completes each layer's full-width cos/sin.
+    Without Kuramoto it returns full-width cos/sin exactly like Llama, including RoPE scaling
+    (`config.rope_parameters`: linear, dynamic, yarn, llama3, ... through transformers' own functions). With
+    Kuramoto the last pair of every head is reserved for the content phase, so it returns the
+    ``head_dim/2 - 1`` positional angles of one half; the attention completes each layer's full-width cos/sin.
     """
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__()
         self.config = config
         self.reserve_content_pair = config.kuramoto
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+        self.num_pairs = config.resolved_head_dim // 2 - (1 if config.kuramoto else 0)
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: ResoLLMConfig) -> torch.Tensor:
+    def compute_inv_freq(config: ResoLLMConfig) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies of the positional pairs, attention scaling of the RoPE type)."""
         head_dim = config.resolved_head_dim
         num_pairs = head_dim // 2 - (1 if config.kuramoto else 0)
-        return rotary_inverse_frequencies(config.rope_spectrum, num_pairs, head_dim, config.rope_theta)
+        rope_type = config.rope_parameters["rope_type"]
+        if config.rope_spectrum == "golden" or rope_type == "default":
+            return rotary_inverse_frequencies(config.rope_spectrum, num_pairs, head_dim, config.rope_theta), 1.0
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv_freq.float()[:num_pairs], attention_scaling
 
     @torch.no_grad()
+    @dynamic_rope_update  # dynamic NTK and longrope recompute inv_freq from the sequence length
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor):
-        angles = position_ids[..., None].float() * self.inv_freq.float()
+        # A dynamic update recomputes the full spectrum: the reserved Kuramoto pair keeps the slowest one out.
+        angles = position_ids[..., None].float() * self.inv_freq[: self.num_pairs].float()
         if not self.reserve_content_pair:
             angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -160,18 +175,11 @@ class ResoLLMAttention(nn.Module):
 
     def _content_phases(self, hidden_states, token_mask, segment_starts, past_key_values):
         """cos/sin of the coupled Kuramoto phase per key/value head, (B, H_kv, T, 1) each."""
-        phase_layer = self.config.num_hidden_layers + self.layer_idx
-        previous_sum = previous_count = None
-        if past_key_values is not None:
-            cached = past_key_values.layers[phase_layer]
-            if cached.is_initialized and cached.keys.shape[-2] > 0:
-                # The cache layer stores values in the keys' (complex) dtype; the count is real.
-                previous_sum, previous_count = cached.keys[:, :, -1:], cached.values[:, :, -1:].real
-        content_cos, content_sin, _, phasor_sum, count = self.kuramoto(
-            hidden_states, token_mask, previous_sum, previous_count, segment_starts
-        )
-        if past_key_values is not None:
-            past_key_values.update(phasor_sum, count, phase_layer)
+        layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        previous_sums = layer_cache.previous_phase_sums() if layer_cache is not None else None
+        content_cos, content_sin, _, sums = self.kuramoto(hidden_states, token_mask, previous_sums, segment_starts)
+        if layer_cache is not None:
+            layer_cache.store_phase_sums(sums)
         return content_cos.unsqueeze(-1), content_sin.unsqueeze(-1)
 
     def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, segment_starts,
@@ -351,6 +359,114 @@ def _cache_argument(past_key_values, kwargs):
     return past_key_values if past_key_values is not None else cache
 
 
+class ResoLLMDynamicPhaseLayer(DynamicLayer):
+    """A `DynamicLayer` that also keeps Kuramoto's running sums per cached position (see `ResoLLMKuramoto`):
+    (B, H_kv, T, 3) float32, grown, cropped, reordered and batch-selected with the keys and values, so one cache
+    layer serves one decoder layer (`len(cache) == num_hidden_layers`)."""
+
+    phase_sums: torch.Tensor | None = None
+
+    def previous_phase_sums(self) -> torch.Tensor | None:
+        if self.phase_sums is None or self.phase_sums.shape[2] == 0:
+            return None
+        return self.phase_sums[:, :, -1:]
+
+    def store_phase_sums(self, sums: torch.Tensor) -> None:
+        self.phase_sums = sums if self.phase_sums is None else torch.cat([self.phase_sums, sums], dim=2)
+
+    def reset(self) -> None:
+        super().reset()
+        self.phase_sums = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.phase_sums is not None:
+            self.phase_sums = self.phase_sums[:, :, :tokens_to_remove]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.phase_sums is not None:
+            self.phase_sums = self.phase_sums.index_select(0, beam_idx.to(self.phase_sums.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.phase_sums is not None:
+            self.phase_sums = self.phase_sums.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.phase_sums is not None:
+            self.phase_sums = self.phase_sums[indices, ...]
+
+    def offload(self):
+        super().offload()
+        if self.phase_sums is not None:
+            self.phase_sums = self.phase_sums.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        super().prefetch()
+        if self.phase_sums is not None and self.is_initialized and self.phase_sums.device != self.device:
+            self.phase_sums = self.phase_sums.to(self.device, non_blocking=True)
+
+
+class ResoLLMStaticPhaseLayer(StaticLayer):
+    """A `StaticLayer` that also keeps Kuramoto's running sums in a preallocated (B, H_kv, max_cache_len, 3)
+    buffer written at the cache positions: no data-dependent shapes or branches, so it compiles and exports."""
+
+    phase_sums: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._allocate_phase_sums(key_states.shape[0], key_states.shape[1], key_states.device)
+
+    def _allocate_phase_sums(self, batch_size: int, num_heads: int, device) -> None:
+        if self.phase_sums is None:
+            self.phase_sums = torch.zeros((batch_size, num_heads, self.max_cache_len, 3), device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.phase_sums)
+
+    def previous_phase_sums(self) -> torch.Tensor | None:
+        if self.phase_sums is None:
+            return None
+        # The sums at the last cached position; zeros before the first token (adding them changes nothing).
+        last = (self.cumulative_length - 1).clamp(min=0).reshape(1).to(self.phase_sums.device)
+        filled = (self.cumulative_length > 0).to(self.phase_sums.dtype)
+        return self.phase_sums.index_select(2, last) * filled
+
+    def store_phase_sums(self, sums: torch.Tensor) -> None:
+        # Called before the keys and values of the same tokens are written, so `cumulative_length` is their start.
+        self._allocate_phase_sums(sums.shape[0], sums.shape[1], sums.device)
+        positions = torch.arange(sums.shape[2], device=sums.device) + self.cumulative_length.to(sums.device)
+        self.phase_sums.index_copy_(2, positions, sums)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.phase_sums is not None:
+            self.phase_sums.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.phase_sums is not None:
+            self.phase_sums.copy_(self.phase_sums.index_select(0, beam_idx.to(self.phase_sums.device)))
+
+
+PHASE_CACHE_LAYERS = {DynamicLayer: ResoLLMDynamicPhaseLayer, StaticLayer: ResoLLMStaticPhaseLayer}
+
+
+def _holds_tokens(layer) -> bool:
+    """Whether a plain cache layer already holds tokens (their phase sums were never computed). Under tracing
+    a static layer's length is symbolic: an early-initialised one is taken as empty, as export recipes build it."""
+    if not layer.is_initialized:
+        return False
+    if isinstance(layer, StaticLayer) and torch.compiler.is_compiling():
+        return False
+    return bool(layer.get_seq_length() > 0)
+
+
+# Checkpoint keys of reso-hf <= 0.1.0, whose prime code sat beside the token embedding.
+LEGACY_KEY_MAPPING = {r"^model\.prime_code\.": "model.embed_tokens.prime_code.", r"^prime_code\.": "embed_tokens.prime_code."}
+
+
 class ResoLLMPreTrainedModel(PreTrainedModel):
     config: ResoLLMConfig
     config_class = ResoLLMConfig
@@ -362,7 +478,7 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the Kuramoto cache layers are dynamic
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": ResoLLMDecoderLayer,
         "attentions": OutputRecorder(ResoLLMAttention, index=1),
@@ -375,7 +491,20 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
         if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
             if kwargs.get("gguf_file") is None and kwargs.get("subfolder", "") == "":
                 check_local_checkpoint(str(pretrained_model_name_or_path))
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def set_input_embeddings(self, value: nn.Module):
+        # `resize_token_embeddings` hands back the resized embedding (a plain nn.Embedding, or ours with a new
+        # weight): keep the prime code around it, coding the primes of the new vocabulary size.
+        backbone = self.base_model
+        prime_code = backbone.prime_code
+        if prime_code is not None:
+            if not isinstance(value, ResoLLMTokenEmbedding):
+                value = ResoLLMTokenEmbedding.around(value, prime_code)
+            if value.prime_code.vocab_size != value.num_embeddings:
+                value.prime_code.resize(value.num_embeddings)
+        backbone.embed_tokens = value
 
     # Callables `hook(model, save_directory)` run after `save_pretrained` has written the folder, on the main
     # process only. reso_hf.hub appends its model-card writer; where reso_hf is not installed it stays empty.
@@ -390,6 +519,12 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, ResoLLMRotaryEmbedding):
+            # Not transformers' generic rotary init: the spectrum may be golden, and Kuramoto reserves a pair.
+            inv_freq, _ = module.compute_inv_freq(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+            return
         super()._init_weights(module)
         # Non-persistent buffers are not in the checkpoint: recompute them whenever weights are initialised.
         if isinstance(module, ResoLLMPrimeCode):
@@ -397,8 +532,6 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             # The code entries are O(1), so a default-initialised projection would add fixed noise
             # several times larger than the learned embedding; start from zero and let training use it.
             init.zeros_(module.proj.weight)
-        elif isinstance(module, ResoLLMRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
         elif isinstance(module, ResoLLMKuramoto):
             init.constant_(module.coupling, module.coupling_init)
         elif isinstance(module, ResoLLMCoherenceGate):
@@ -422,12 +555,12 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.prime_code = (
-            ResoLLMPrimeCode(config.vocab_size, config.prime_code_dim, config.hidden_size)
-            if config.prime_embedding
-            else None
-        )
+        if config.prime_embedding:
+            prime_code = ResoLLMPrimeCode(config.vocab_size, config.prime_code_dim, config.hidden_size)
+            self.embed_tokens = ResoLLMTokenEmbedding(config.vocab_size, config.hidden_size, self.padding_idx,
+                                                      prime_code)
+        else:  # switched off: exactly Llama's embedding (same parameter names)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.concept_bank = (
             ResoLLMConceptBank(config.hidden_size, config.prsc.max_bindings, config.prime_code_dim)
             if config.prsc.enabled and config.prsc.max_bindings > 0
@@ -441,15 +574,44 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @property
+    def prime_code(self) -> ResoLLMPrimeCode | None:
+        """The prime-code part of the token embedding (`prime_embedding=True`), or None."""
+        return getattr(self.embed_tokens, "prime_code", None)
+
+    def prepare_cache(self, past_key_values: Cache) -> Cache:
+        """With `kuramoto=True`, make `past_key_values` keep the running phase sums: each decoder layer's own cache
+        layer holds them, so the empty plain layers that `DynamicCache` / `StaticCache` (or `generate`) created are
+        swapped for their phase-keeping subclasses. The forward pass does this itself; call it before `torch.export`
+        so the sums exist before tracing (then register each layer's `phase_sums` as a buffer, like the keys and
+        values). Without Kuramoto it returns the cache unchanged."""
+        if self.config.kuramoto:
+            self._prepare_phase_cache(past_key_values)
+        return past_key_values
+
     def _prepare_phase_cache(self, past_key_values: Cache):
-        """Kuramoto keeps its running sums as extra cache layers after the attention layers."""
-        if not isinstance(past_key_values, DynamicCache):
-            raise ValueError(
-                f"kuramoto=True needs a DynamicCache (the running phase sums live in it), got "
-                f"{type(past_key_values).__name__}; use the default cache_implementation"
-            )
-        while len(past_key_values.layers) < 2 * self.config.num_hidden_layers:
-            past_key_values.layers.append(DynamicLayer())
+        layers = past_key_values.layers
+        while len(layers) < self.config.num_hidden_layers:
+            layers.append(DynamicLayer())
+        for index, layer in enumerate(layers[: self.config.num_hidden_layers]):
+            if isinstance(layer, (ResoLLMDynamicPhaseLayer, ResoLLMStaticPhaseLayer)):
+                continue
+            phase_layer = PHASE_CACHE_LAYERS.get(type(layer))
+            if phase_layer is None or _holds_tokens(layer):
+                raise ValueError(
+                    f"kuramoto=True keeps its running phase sums in the KV cache; cache layer {index} is a "
+                    f"{'filled ' if phase_layer is not None else ''}{type(layer).__name__}. Supported: an empty "
+                    "DynamicCache or StaticCache (cache_implementation 'dynamic', 'static' or 'offloaded'), or one "
+                    "this model filled"
+                )
+            if phase_layer is ResoLLMDynamicPhaseLayer:
+                layers[index] = ResoLLMDynamicPhaseLayer()
+                continue
+            static = ResoLLMStaticPhaseLayer(max_cache_len=layer.max_cache_len)
+            if layer.is_initialized:  # early-initialised (torch.export recipes): keep its registered tensors
+                static.__dict__.update(layer.__dict__)
+                static._allocate_phase_sums(layer.keys.shape[0], layer.keys.shape[1], layer.keys.device)
+            layers[index] = static
 
     @merge_with_config_defaults
     @capture_outputs
@@ -478,12 +640,9 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            _check_token_ids(input_ids, self.vocab_size)
+            if not torch.compiler.is_compiling():  # a data-dependent check: eager users get the clear error
+                _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-            if self.prime_code is not None:
-                inputs_embeds = inputs_embeds + self.prime_code(input_ids)
-        elif self.prime_code is not None:
-            raise ValueError("prime_embedding=True needs input_ids (the prime code is indexed by token id)")
         if self.concept_bank is not None:
             bound_keys, bound_values = bound_concepts if bound_concepts is not None else (None, None)
             inputs_embeds = self.concept_bank(inputs_embeds, bound_keys, bound_values)
@@ -518,12 +677,11 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         else:
             token_mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
 
-        # Packed documents restart their position ids; Kuramoto's mean field restarts with them.
+        # Packed documents restart their position ids; Kuramoto's mean field restarts with them (a no-op where
+        # the only start is the first token, so no data-dependent branch is needed).
         segment_starts = None
         if self.config.kuramoto and seq_len > 1 and position_ids.shape[0] == inputs_embeds.shape[0]:
-            starts = position_ids == 0
-            if starts[:, 1:].any():
-                segment_starts = starts
+            segment_starts = position_ids == 0
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)

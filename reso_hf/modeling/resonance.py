@@ -65,6 +65,33 @@ class ResoLLMPrimeCode(nn.Module):
         codes = nn.functional.embedding(input_ids, self.code_table)
         return self.proj(codes.to(self.proj.weight.dtype))
 
+    def resize(self, vocab_size: int) -> None:
+        """Code the primes of a resized vocabulary (token i keeps the i-th prime, new tokens get the next ones)."""
+        self.vocab_size = vocab_size
+        self.code_table = prime_code_table(vocab_size, self.code_dim).to(self.code_table.device)
+
+
+class ResoLLMTokenEmbedding(nn.Embedding):
+    """The token embedding plus the projected prime code of each token (SPEC §3.1), as one module: what
+    `get_input_embeddings()(input_ids)` returns is exactly what the decoder layers receive, so `inputs_embeds`,
+    soft prompts and prompt tuning see the prime code too."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, prime_code: ResoLLMPrimeCode,
+                 **factory_kwargs):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, **factory_kwargs)
+        self.prime_code = prime_code
+
+    @classmethod
+    def around(cls, embedding: nn.Embedding, prime_code: ResoLLMPrimeCode) -> "ResoLLMTokenEmbedding":
+        """Wrap a plain embedding (e.g. the one `resize_token_embeddings` builds), sharing its weight."""
+        wrapped = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, prime_code,
+                      device="meta")
+        wrapped.weight = embedding.weight
+        return wrapped
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return super().forward(input_ids) + self.prime_code(input_ids)
+
 
 # ---------------------------------------------------------------------------------------------
 # §3.2 Rotary spectra
@@ -100,9 +127,10 @@ class ResoLLMKuramoto(nn.Module):
     mean field ``z_t = mean_{s<=t} exp(i theta_s)`` (padding excluded):
     ``theta'_t = theta_t + K_h r_t sin(psi_t - theta_t)`` with ``r_t sin(psi_t - theta_t) = Im(z_t e^{-i theta_t})``.
 
-    The running sums are returned so the caller can keep them in the cache: the cumulative masked
-    phasor sum (B, H_kv, T, 1, complex64) and the cumulative token count (B, 1, T, 1) per position,
-    which crop, reorder and batch-select exactly like keys and values.
+    Computed in real arithmetic (cos and sin parts), which torch.compile and torch.export trace everywhere.
+    The running sums ``[sum cos theta_s, sum sin theta_s, count]`` per position, (B, H_kv, T, 3) float32, are
+    returned so the caller keeps them in the KV cache, where they crop, reorder and batch-select exactly like
+    keys and values.
     """
 
     def __init__(self, hidden_size: int, num_key_value_heads: int, coupling_init: float):
@@ -115,44 +143,45 @@ class ResoLLMKuramoto(nn.Module):
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor,
-        previous_sum: torch.Tensor | None,
-        previous_count: torch.Tensor | None,
+        previous_sums: torch.Tensor | None,
         segment_starts: torch.Tensor | None = None,
     ):
-        """Returns ``(cos theta', sin theta', order parameter r, cumulative sum, cumulative count)``.
+        """Returns ``(cos theta', sin theta', order parameter r, running sums)``.
 
-        hidden_states (B, T, d); token_mask (B, T) with 1 for real tokens; previous_* the cached
-        cumulative values at the last cached position, or None at the start of a sequence;
-        segment_starts (B, T) bool marks the first token of each packed document: the mean field
-        restarts there, so no phase information crosses a document boundary.
-        cos/sin/r are (B, H_kv, T).
+        hidden_states (B, T, d); token_mask (B, T) with 1 for real tokens; previous_sums (B, H_kv, 1, 3) the
+        cached running sums at the last cached position, or None at the start of a sequence; segment_starts
+        (B, T) bool marks the first token of each packed document: the mean field restarts there, so no phase
+        information crosses a document boundary. cos/sin/r are (B, H_kv, T).
         """
         theta = self.phase_proj(hidden_states).float().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
         mask = token_mask.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
-        phasor = torch.polar(mask.expand_as(theta), theta)  # padding contributes 0
-        phasor_sum = phasor.cumsum(dim=2)
-        count = mask.cumsum(dim=2)
-        if previous_sum is not None:
-            phasor_sum = phasor_sum + previous_sum
-            count = count + previous_count
+        cos, sin = theta.cos(), theta.sin()
+        phasor = torch.cat([cos * mask, sin * mask, mask.expand_as(theta)], dim=-1)  # padding contributes 0
+        sums = phasor.cumsum(dim=2)
+        if previous_sums is not None:
+            sums = sums + previous_sums
         if segment_starts is not None:
-            phasor_sum, count = _restart_at_segments(phasor_sum, count, phasor, mask, segment_starts)
-        mean_field = phasor_sum / count.clamp(min=1.0)
-        # r sin(psi - theta) = Im(z e^{-i theta}); on padding the phasor is 0 and so is the pull.
-        pull = (mean_field * phasor.conj()).imag
+            sums = _restart_at_segments(sums, phasor, segment_starts)
+        count = sums[..., 2:].clamp(min=1.0)
+        mean_cos, mean_sin = sums[..., :1] / count, sums[..., 1:2] / count
+        # r sin(psi - theta) = Im(z e^{-i theta}) = Im(z) cos theta - Re(z) sin theta; zero on padding.
+        pull = (mean_sin * cos - mean_cos * sin) * mask
         coupled = (theta + self.coupling.float()[:, None, None] * pull).squeeze(-1)
-        return coupled.cos(), coupled.sin(), mean_field.abs().squeeze(-1), phasor_sum, count
+        order = (mean_cos.square() + mean_sin.square()).sqrt().squeeze(-1)
+        return coupled.cos(), coupled.sin(), order, sums
 
 
-def _restart_at_segments(phasor_sum, count, phasor, mask, segment_starts):
-    """Subtract, from each running sum, its value just before the latest segment start at or before t."""
+def _restart_at_segments(sums, phasor, segment_starts):
+    """Subtract, from each running sum, its value just before the latest segment start at or before t.
+
+    Branch-free (no data-dependent Python `if`), so it is always applied: where no segment starts after
+    the first token, it subtracts exactly zero."""
     positions = torch.arange(segment_starts.shape[-1], device=segment_starts.device)
     latest_start = torch.where(segment_starts, positions, -1).cummax(dim=-1).values  # (B, T)
     has_start = (latest_start >= 0)[:, None, :, None]
-    index = latest_start.clamp(min=0)[:, None, :, None]
-    base_sum = (phasor_sum - phasor).gather(2, index.expand(-1, phasor_sum.shape[1], -1, -1))
-    base_count = (count - mask).gather(2, index)
-    return phasor_sum - base_sum * has_start, count - base_count * has_start
+    index = latest_start.clamp(min=0)[:, None, :, None].expand(-1, sums.shape[1], -1, sums.shape[-1])
+    base = (sums - phasor).gather(2, index)
+    return sums - base * has_start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,14 +189,15 @@ class ResoTokenizer(TokenizersBackend):
 
     # ----------------------------------------------------------------------------- decoding
     def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
-        # The Rust backend silently skips unknown ids; an id outside the vocabulary is a bug upstream.
+        # Like every fast tokenizer, ids past the vocabulary decode to nothing: models often pad their embedding
+        # matrix past the tokenizer (for speed), and a sampled padding id must not crash generation. A negative or
+        # non-integer id cannot come from a model, so that stays an error.
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
         if isinstance(ids, dict):
             ids = ids["input_ids"]
-        size = len(self)
         for token_id in ids:
-            if isinstance(token_id, bool) or not 0 <= int(token_id) < size:
-                raise ValueError(f"token id {token_id!r} is out of range; allowed range is 0..{size - 1}")
+            if isinstance(token_id, bool) or int(token_id) != token_id or int(token_id) < 0:
+                raise ValueError(f"token id {token_id!r} is invalid: expected an int >= 0")
         return super()._decode(
             token_ids,
             skip_special_tokens=skip_special_tokens,

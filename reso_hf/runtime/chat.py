@@ -11,12 +11,15 @@ Reads lines from a text stream (stdin by default) and writes to another (stdout)
 Any other non-empty line is a user message: the conversation so far is formatted with the tokenizer's
 chat template (when it has one) and the model's answer is printed as ``Assistant: <text>``. Errors of a
 command (bad goal, missing agency) are printed as ``error: <message>`` and the session goes on.
+
+Any causal LM works (also with a PEFT adapter); stability, the ResoLLM switches and goals are shown
+only for a ResoLLM, the others get the model line and the token count / time of each answer.
 """
 
 import sys
 from collections import Counter
 
-from .inference import generate_result
+from .inference import describe_model, generate_result
 
 COMMANDS_HELP = "commands: exit | goal <description> | status | metrics"
 STEPS_SHOWN = 5
@@ -52,8 +55,8 @@ class ChatSession:
         self.last_result = None
         self.pending_goal: str | None = None
         self.notice = None
-        context = engine.model.config.max_position_embeddings
-        if self.max_new_tokens > context // 2:  # else every answer is cut, with a warning, to fit the context
+        context = getattr(engine.model.config, "max_position_embeddings", None)
+        if context is not None and self.max_new_tokens > context // 2:  # else every answer is cut, with a warning
             self.notice = (f"max_new_tokens {self.max_new_tokens} -> {context // 2}: the model's context is {context} "
                            f"tokens, and half of it is kept for the conversation")
             self.max_new_tokens = context // 2
@@ -62,7 +65,8 @@ class ChatSession:
         print(text, file=self.output, flush=True)
 
     def run(self) -> int:
-        self.say(f"ResoLLM chat. {COMMANDS_HELP}")
+        title = "ResoLLM" if self.engine.reso_model is not None else describe_model(self.engine.model)
+        self.say(f"{title} chat. {COMMANDS_HELP}")
         if self.notice:
             self.say(self.notice)
         for raw in self.input:
@@ -107,7 +111,8 @@ class ChatSession:
     def respond(self, message: str) -> None:
         prompt = self._prompt(message)
         # Keep the most recent turns that fit in the context together with the answer.
-        limit = self.engine.model.config.max_position_embeddings - self.max_new_tokens
+        context = getattr(self.engine.model.config, "max_position_embeddings", None)
+        limit = float("inf") if context is None else context - self.max_new_tokens
         while self.history and len(self.engine.tokenizer(prompt)["input_ids"]) > limit:
             self.history = self.history[2:]
             prompt = self._prompt(message)
@@ -124,17 +129,19 @@ class ChatSession:
                 self.say(f"  {summarize_warnings(result.warnings)}")
 
     def status(self) -> str:
-        model = self.engine.model
+        model = self.engine.reso_model
+        if model is None:
+            return self.plain_status()
         config = model.config
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = sum(p.numel() for p in self.engine.model.parameters())
         extensions = " ".join(
             f"{name}={'on' if getattr(config, name).enabled else 'off'}"
             for name in ("stability", "stochastic_resonance", "agency", "prsc", "temporal_smf", "entanglement")
         )
         temperature = self.engine.temperature
         lines = [
-            f"model: {type(model).__name__} ({parameters:,} parameters, {config.num_hidden_layers} layers, "
-            f"hidden {config.hidden_size}, vocab {config.vocab_size})",
+            f"model: {describe_model(self.engine.model)} ({parameters:,} parameters, {config.num_hidden_layers} "
+            f"layers, hidden {config.hidden_size}, vocab {config.vocab_size})",
             f"components: prime_embedding={config.prime_embedding} rope_spectrum={config.rope_spectrum} "
             f"kuramoto={config.kuramoto} coherence_gating={config.coherence_gating}",
             f"extensions: {extensions}",
@@ -149,5 +156,22 @@ class ChatSession:
             goals = get_active_goals()
             described = ", ".join(f"{g.description} ({g.progress:.0%})" for g in goals) if goals else "none"
             lines.append(f"goals: {described}")
-        lines.append(f"metrics display: {'on' if self.show_metrics else 'off'}; turns: {len(self.history) // 2}")
+        lines.append(self.session_line())
         return "\n".join(lines)
+
+    def plain_status(self) -> str:
+        """`status` for a model without ResoLLM telemetry: what it is and how the session stands."""
+        model = self.engine.model
+        config = model.config
+        parameters = sum(p.numel() for p in model.parameters())
+        shape = ", ".join(f"{label} {getattr(config, name)}" for name, label in
+                          (("num_hidden_layers", "layers"), ("hidden_size", "hidden"), ("vocab_size", "vocab"))
+                          if getattr(config, name, None) is not None)
+        return "\n".join([
+            f"model: {describe_model(model)} ({parameters:,} parameters, {shape})",
+            "stability, ResoLLM switches and goals: unavailable (the model is not a ResoLLM)",
+            self.session_line(),
+        ])
+
+    def session_line(self) -> str:
+        return f"metrics display: {'on' if self.show_metrics else 'off'}; turns: {len(self.history) // 2}"

@@ -3,14 +3,11 @@
 import json
 
 
-def _load(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(model: str):
+    from ..loading import load_causal_lm, load_tokenizer, resolve_model_source
 
-    import reso_hf  # noqa: F401  (registers the Auto classes)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return model.eval(), tokenizer
+    source = resolve_model_source(model, field="--model")
+    return load_causal_lm(source), load_tokenizer(source)
 
 
 def _engine(args):
@@ -38,7 +35,10 @@ def run_generate(args) -> int:
 
 
 def _common(parser):
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained output with tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="causal LM to load: a model folder (save_pretrained output with its tokenizer), a .gguf "
+                             "file, a PEFT adapter folder (LoRA or DynamicLoRA; its adapter_config.json names the "
+                             "base model), or a Hub id; ResoLLM telemetry is shown when the model is a ResoLLM")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per answer (default 128)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     parser.add_argument("--top_k", type=int, default=50, help="top-k sampling (default 50)")

@@ -6,12 +6,19 @@
 
 `max_length` follows the seed: the number of NEW tokens (it becomes `max_new_tokens`); it is reduced
 to what fits in `max_position_embeddings`, with a `truncated_max_length` warning in the result.
+
+The engine (and `reso-hf generate` / `chat`) takes any causal LM that can generate, also with a PEFT
+adapter (LoRA or DynamicLoRA) on it. The ResoLLM telemetry (stability, Lyapunov, traces, goals) is
+filled in only when the model under the adapter is a `ResoLLMForCausalLM`; for any other model those
+fields are None or empty and the result holds the text, the token ids, the count and the time.
 """
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..modeling.generation_reso_llm import _eos_list, _tokens_generated
 from ..modeling.modeling_reso_llm import ResoLLMForCausalLM, ResoLLMModel
 
 DEFAULT_GOAL_TYPE = "exploratory"
@@ -19,14 +26,16 @@ DEFAULT_GOAL_TYPE = "exploratory"
 
 @dataclass
 class GenerationResult:
-    """One generated text with the seed's metrics (see `ResoGenerateOutput` for the definitions)."""
+    """One generated text with the seed's metrics (see `ResoGenerateOutput` for the definitions).
+
+    `stability` and `lyapunov` are None, and the traces empty, for a model without ResoLLM telemetry."""
 
     text: str
     prompt: str = ""
     token_ids: list = field(default_factory=list)
     tokens_generated: int = 0
-    stability: str = "critical"
-    lyapunov: float = 0.0
+    stability: str | None = "critical"
+    lyapunov: float | None = 0.0
     entropy_trace: list = field(default_factory=list)
     lyapunov_trace: list = field(default_factory=list)
     temperature_trace: list = field(default_factory=list)
@@ -39,6 +48,9 @@ class GenerationResult:
 
     def metrics_line(self) -> str:
         """One-line summary used by the chat session."""
+        if self.stability is None:  # no ResoLLM telemetry
+            return (f"[metrics] tokens={self.tokens_generated} time={self.generation_time_ms:.1f}ms "
+                    f"warnings={len(self.warnings)}")
         temperature = self.temperature_trace[-1] if self.temperature_trace else float("nan")
         coherence = sum(self.coherence_trace) / len(self.coherence_trace) if self.coherence_trace else float("nan")
         return (f"[metrics] stability={self.stability} lyapunov={self.lyapunov:.4f} tokens={self.tokens_generated} "
@@ -46,15 +58,53 @@ class GenerationResult:
                 f"warnings={len(self.warnings)}")
 
 
-def check_causal_lm(model, role: str = "model") -> ResoLLMForCausalLM:
-    """Raise a clear error unless `model` is a generating ResoLLM."""
+def _check_not_backbone(model, role: str) -> None:
     if isinstance(model, ResoLLMModel):
         raise TypeError(
             f"{role} is a ResoLLMModel (the backbone, which returns hidden states and cannot generate); "
             "use ResoLLMForCausalLM(config) or AutoModelForCausalLM.from_pretrained(...) instead"
         )
+
+
+def check_causal_lm(model, role: str = "model") -> ResoLLMForCausalLM:
+    """Raise a clear error unless `model` is a generating ResoLLM (what the agent group needs)."""
+    _check_not_backbone(model, role)
     if not isinstance(model, ResoLLMForCausalLM):
         raise TypeError(f"{role} must be a ResoLLMForCausalLM, got {type(model).__name__}")
+    return model
+
+
+def unwrap_adapter(model):
+    """The transformers model under a PEFT adapter (the model itself when it has none)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def telemetry_model(model) -> ResoLLMForCausalLM | None:
+    """The ResoLLM that provides telemetry, goals and stability for `model` (also under an adapter), or None."""
+    inner = unwrap_adapter(model)
+    return inner if isinstance(inner, ResoLLMForCausalLM) else None
+
+
+def describe_model(model) -> str:
+    """The model's class, and its adapter's PEFT type when it has one ("LlamaForCausalLM + LORA adapter")."""
+    inner = unwrap_adapter(model)
+    if inner is model:
+        return type(model).__name__
+    peft_type = model.peft_config[model.active_adapter].peft_type
+    return f"{type(inner).__name__} + {getattr(peft_type, 'value', peft_type)} adapter"
+
+
+def check_generating_model(model, role: str = "model"):
+    """Raise a clear error unless `model` is a causal LM that can generate (with or without a PEFT adapter)."""
+    _check_not_backbone(model, role)
+    inner = unwrap_adapter(model)
+    _check_not_backbone(inner, role)
+    can_generate = getattr(inner, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        raise TypeError(f"{role} must be a causal LM that can generate (e.g. loaded with AutoModelForCausalLM), "
+                        f"got {type(inner).__name__}")
     return model
 
 
@@ -66,7 +116,9 @@ def check_max_length(max_length, name: str = "max_length") -> int:
 
 def fit_new_tokens(model, prompt_length: int, max_new_tokens: int) -> tuple[int, list]:
     """Reduce max_new_tokens to what fits in the model's context; the warning says when it did."""
-    limit = model.config.max_position_embeddings
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:  # the config states no context length
+        return max_new_tokens, []
     if prompt_length >= limit:
         raise ValueError(f"the prompt has {prompt_length} tokens; max_position_embeddings={limit} leaves no room "
                          "for new tokens: shorten the prompt")
@@ -103,6 +155,19 @@ def result_from_output(output, row: int, tokenizer, prompt_length: int, prompt: 
     )
 
 
+def plain_result(sequences, tokenizer, prompt_length: int, prompt: str, eos_token_id, warnings: list,
+                 generation_time_ms: float, agent: str | None = None) -> GenerationResult:
+    """A `GenerationResult` without ResoLLM telemetry (row 0 of `sequences`, cut after the first EOS)."""
+    new_tokens = sequences[:1, prompt_length:]
+    count = _tokens_generated(new_tokens, _eos_list(eos_token_id))[0]
+    new_ids = new_tokens[0, :count].tolist()
+    return GenerationResult(
+        text=tokenizer.decode(new_ids, skip_special_tokens=True), prompt=prompt, token_ids=new_ids,
+        tokens_generated=count, stability=None, lyapunov=None, warnings=list(warnings),
+        generation_time_ms=generation_time_ms, agent=agent,
+    )
+
+
 def agent_name(model, index: int) -> str:
     entanglement = model.config.entanglement
     return entanglement.node_id if entanglement.enabled else f"agent_{index}"
@@ -129,11 +194,16 @@ def generate_result(model, tokenizer, prompt: str, max_new_tokens: int, do_sampl
         kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         if seed is not None:
             torch.manual_seed(seed)
-    if seed is not None:
-        kwargs["seed"] = seed
+    reso = telemetry_model(model)
+    if seed is not None and reso is not None:
+        kwargs["seed"] = seed  # ResoLLM's generate also seeds its stochastic-resonance noise with it
     kwargs.update(generate_kwargs)
+    start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    if reso is None:
+        return plain_result(output.sequences, tokenizer, input_ids.shape[1], prompt, kwargs.get("eos_token_id"),
+                            warnings, 1000.0 * (time.perf_counter() - start), agent)
     return result_from_output(output, 0, tokenizer, input_ids.shape[1], prompt, warnings, agent)
 
 
@@ -142,7 +212,8 @@ class ResoLLMInference:
     `interactive_session`, each returning `GenerationResult`s with the seed's fields.
 
     Args:
-        model: a `ResoLLMForCausalLM` (a `ResoLLMModel` backbone is an error).
+        model: a causal LM that can generate: a `ResoLLMForCausalLM` (telemetry, goals), any other
+            `AutoModelForCausalLM` model, or either with a PEFT adapter (a `ResoLLMModel` backbone is an error).
         tokenizer: its tokenizer (e.g. `create_default_tokenizer()`).
         config: optional; must be the model's config or agree with it on `vocab_size` (the seed passes it).
         temperature, do_sample, top_k, top_p: sampling defaults of `generate`.
@@ -150,7 +221,7 @@ class ResoLLMInference:
 
     def __init__(self, model, tokenizer, config=None, temperature: float = 0.7, do_sample: bool = True,
                  top_k: int | None = 50, top_p: float | None = None):
-        self.model = check_causal_lm(model)
+        self.model = check_generating_model(model)
         if config is not None and config is not model.config and config.vocab_size != model.config.vocab_size:
             raise ValueError(f"config.vocab_size={config.vocab_size} differs from the model's "
                              f"vocab_size={model.config.vocab_size}: pass the model's own config")
@@ -159,9 +230,9 @@ class ResoLLMInference:
                              f"{model.config.vocab_size}: build the model with vocab_size >= {len(tokenizer)}")
         self.tokenizer = tokenizer
         self.config = model.config
-        attach_tokenizer = getattr(model, "attach_tokenizer", None)
-        if attach_tokenizer is not None:
-            attach_tokenizer(tokenizer)  # goals, memories and concept names are encoded with it
+        self.reso_model = telemetry_model(model)
+        if self.reso_model is not None:
+            self.reso_model.attach_tokenizer(tokenizer)  # goals, memories and concept names are encoded with it
         self.temperature = temperature
         self.do_sample = do_sample
         self.top_k = top_k
@@ -183,7 +254,9 @@ class ResoLLMInference:
         """`model.create_goal(description, goal_type=...)` (agency, SPEC §3.6), with clear errors."""
         if not isinstance(goal_description, str) or not goal_description.strip():
             raise ValueError(f"goal_description={goal_description!r} is invalid: expected a non-empty text")
-        return self.model.create_goal(goal_description.strip(), goal_type=goal_type, tokenizer=self.tokenizer)
+        if self.reso_model is None:
+            raise ValueError(f"goals need a ResoLLM with agency.enabled=True; {describe_model(self.model)} has none")
+        return self.reso_model.create_goal(goal_description.strip(), goal_type=goal_type, tokenizer=self.tokenizer)
 
     def generate_with_goal(self, prompt: str, goal_description: str, max_length: int = 100,
                            goal_type: str = DEFAULT_GOAL_TYPE, **kwargs) -> GenerationResult:

@@ -354,16 +354,6 @@ def validate_values(parsed) -> None:
                     raise ArgumentError(str(error), name) from None
 
 
-def require_existing_local_path(value: str, name: str) -> None:
-    """A model reference that can only be a local path (absolute, starting with . or ~, or with more than one
-    '/') must exist; anything else may be a Hub id and is left to transformers."""
-    if os.path.exists(os.path.expanduser(value)):
-        return
-    if os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or value.endswith("/"):
-        raise FileNotFoundError(f"{name}: {value!r} does not exist (give a local folder or file, or a Hub id "
-                                f"like org/name)")
-
-
 def json_mapping(value, name: str) -> dict:
     """A JSON object given as a string (CLI) or already a dict."""
     if value is None:

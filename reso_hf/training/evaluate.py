@@ -25,15 +25,15 @@ import os
 import evaluate as hf_evaluate
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import default_data_collator
 
+from ..loading import load_causal_lm, load_tokenizer, resolve_model_source
 from ..metrics import metric_path
 from .arguments import (
     DEFAULT_ASSISTANT_ONLY_LOSS,
     DataArguments,
     EvalArguments,
     parse_recipe,
-    require_existing_local_path,
 )
 from .data import (
     IGNORE_INDEX,
@@ -139,10 +139,10 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
     if not eval_args.model:
         raise ValueError("--model is required (a model folder or Hub id)")
     split, dataset_name, split_name = evaluation_split(data_args, data)
-    require_existing_local_path(eval_args.model, "--model")
+    source = resolve_model_source(eval_args.model, field="--model")  # a bad path fails before anything loads
     loss_tokens_from = resolve_loss_tokens(eval_args, data_args)
-    tokenizer = AutoTokenizer.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=eval_args.trust_remote_code)
+    model = load_causal_lm(source, trust_remote_code=eval_args.trust_remote_code)
     check_vocabulary(tokenizer, model, eval_args.model)
     train, evaluation, stats = build_datasets(data_args, tokenizer)
     dataset = train if split == "train" else evaluation

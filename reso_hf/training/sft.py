@@ -19,8 +19,6 @@ import os
 import torch
 from peft import get_peft_model
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -28,7 +26,8 @@ from transformers import (
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
 from ..dynamic_lora.serialization import atomic_write_bytes
-from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe, require_existing_local_path
+from ..loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_source
+from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets, check_vocabulary
 from ..hub import write_card
 from .reporting import DYNAMICS_PLOT_NAME, LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
@@ -39,28 +38,20 @@ ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
 DEFAULT_DYNAMIC_LORA = {"target_modules": "all-linear"}
 
 
-def model_location(sft_args: SftArguments) -> tuple[str, dict]:
-    """(folder or Hub id, extra from_pretrained kwargs) for a Hub id, a folder or a .gguf file."""
-    if not sft_args.base_model:
-        raise ValueError("--base_model is required: a Hub id, a local folder, or a .gguf file")
-    require_existing_local_path(sft_args.base_model, "--base_model")
-    kwargs = {"trust_remote_code": sft_args.trust_remote_code}
-    if sft_args.base_model.endswith(".gguf"):
-        if not os.path.isfile(sft_args.base_model):
-            raise FileNotFoundError(f"base_model: GGUF file {sft_args.base_model!r} does not exist")
-        directory, name = os.path.split(os.path.abspath(sft_args.base_model))
-        return directory, {**kwargs, "gguf_file": name}
-    if sft_args.gguf_file:
-        kwargs["gguf_file"] = sft_args.gguf_file
-    return sft_args.base_model, kwargs
+def base_model_source(sft_args: SftArguments) -> ModelSource:
+    """The checked base model (a Hub id, a folder or a .gguf file); an adapter folder is not a base."""
+    source = resolve_model_source(sft_args.base_model, sft_args.gguf_file, field="base_model")
+    if source.is_adapter:
+        raise ValueError(f"base_model {sft_args.base_model!r} is a PEFT adapter folder; pass the model it adapts "
+                         f"({source.base.name!r}) or a merged copy of both")
+    return source
 
 
-def load_base(sft_args: SftArguments):
-    location, kwargs = model_location(sft_args)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+def load_base(source: ModelSource, sft_args: SftArguments):
+    tokenizer = load_tokenizer(source, trust_remote_code=sft_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    model = load_causal_lm(source, dtype=torch.float32, trust_remote_code=sft_args.trust_remote_code)
     return model, tokenizer
 
 
@@ -123,6 +114,7 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
+    source = base_model_source(sft_args)  # a bad path fails here, before any data is prepared
     plan = prepare_output_dir("sft", (sft_args, data_args, training_args), data_args, training_args,
                               resume=sft_args.resume, overwrite=sft_args.overwrite_output_dir)
     if plan.finished_summary is not None:
@@ -130,8 +122,8 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     checkpoint = plan.checkpoint
     lora_config = dynamic_lora_config(sft_args)  # every DynamicLoraConfig value is checked before any loading
     set_seed(training_args.seed)
-    base, tokenizer = load_base(sft_args)
-    check_vocabulary(tokenizer, base, sft_args.base_model)
+    base, tokenizer = load_base(source, sft_args)
+    check_vocabulary(tokenizer, base, source.name)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
     model = get_peft_model(base, lora_config)

@@ -38,7 +38,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_pt_utils import nested_gather
-from transformers.trainer_utils import TrainOutput, rotate_checkpoints
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from ..dynamic_lora.dynamics import HEALTH_STATES
 from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
@@ -133,6 +133,8 @@ class AtomicCheckpointTrainer(Trainer):
         """`Trainer.train`, whose `training_loss` is the mean over the whole run, and which only restores a
         checkpoint that is already at the run's last step (see the module docstring)."""
         self._loss_before = (0.0, 0)
+        if resume_from_checkpoint is True:  # Trainer's "the last checkpoint in output_dir" (it raises if there is none)
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         if isinstance(resume_from_checkpoint, str):
             recorded = read_run_loss(resume_from_checkpoint)
             if recorded is None:

@@ -204,6 +204,7 @@ class ResoLLMConfig(PretrainedConfig):
     - `coherence_gating` (bool): full-range sigmoid gate on each MLP output (§3.4).
     - `coherence_gate_normalized` (bool): divide each gate by its fully open value sigma(k (1 - tau)), so an open
       gate is exactly 1 (models converted from Llama set it and start fully open).
+    - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
     - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`: sub-configs
       (objects or dicts) for the v2 extensions.
     """
@@ -258,6 +259,7 @@ class ResoLLMConfig(PretrainedConfig):
         stability=None,
         entanglement=None,
         stochastic_resonance=None,
+        source_model: str | None = None,
         reso_hf_version: str = RESO_HF_VERSION,
         **kwargs,
     ):
@@ -300,6 +302,7 @@ class ResoLLMConfig(PretrainedConfig):
         self.coherence_sharpness = coherence_sharpness
         for name, cls in SUB_CONFIGS.items():
             setattr(self, name, cls.coerce(locals()[name], name))
+        self.source_model = source_model
         self.reso_hf_version = reso_hf_version
         self._validate_fields()
         self.head_dim = self.resolved_head_dim  # as Llama does; transformers' RoPE functions read it

@@ -738,6 +738,18 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         self.reso_state = ResoState(config)
         self.tokenizer = None
 
+    @classmethod
+    def from_llama(cls, source, **switches) -> "ResoLLMForCausalLM":
+        """Convert a pretrained Llama-family causal LM (a Hub id, a folder, a `.gguf` file or a loaded model) into
+        a ResoLLM that computes the same function: each switched-on component (`prime_embedding`, `kuramoto`,
+        `coherence_gating`) starts as a no-op; `rope_spectrum="golden"` re-learns positions. See
+        `reso_hf.conversion`."""
+        try:
+            from reso_hf.conversion import convert_from_llama
+        except ImportError as error:
+            raise ImportError("from_llama needs the reso-hf package: pip install reso-hf") from error
+        return convert_from_llama(source, **switches)
+
     # ---------------------------------------------------------------------------------------------
     # State that outlives a call: goals, foci, bindings, memory (SPEC §3.5-§3.7)
     # ---------------------------------------------------------------------------------------------

@@ -131,13 +131,13 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
     model = get_peft_model(base, dynamic_lora_config(sft_args))
     tuner = find_dynamic_lora_tuner(model)
-    if checkpoint is not None:
-        tuner.load_dynamics_state(checkpoint)
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
-    DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
+    # first, so the reporting integrations see its metrics; it restores the checkpoint's dynamics state once
+    # Trainer has reloaded the adapter weights
+    DynamicLoraCallback.attach(trainer, resume_from_checkpoint=checkpoint)
     train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     base.config.use_cache = True
     adapter_dir = os.path.join(training_args.output_dir, "adapter")

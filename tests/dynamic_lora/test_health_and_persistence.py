@@ -256,6 +256,30 @@ def test_save_load_continue_is_bit_identical_to_uninterrupted_training(tmp_path)
     assert payload_a == payload_b
 
 
+def test_callback_restores_the_checkpoint_state_when_training_begins_and_refuses_a_checkpoint_without_one(tmp_path):
+    from reso_hf.dynamic_lora import DynamicLoraCallback
+
+    trained = get_peft_model(tiny_llama(seed=5), _resume_config())
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.05)
+    _train_steps(trained, optimizer, 3, first_seed=0)
+    trained.save_pretrained(tmp_path / "checkpoint")
+    model = get_peft_model(tiny_llama(seed=5), _resume_config())
+    # what Trainer's resume does: load_adapter into the existing adapter (weights only)
+    model.load_adapter(tmp_path / "checkpoint", "default", is_trainable=True)
+    assert model.base_model.dynamics().state_dict()[1]["step"] == 0
+    DynamicLoraCallback(resume_from_checkpoint=str(tmp_path / "checkpoint")).on_train_begin(None, None, None,
+                                                                                          model=model)
+    params_a, tensors_a, payload_a = _full_state(trained)
+    params_b, tensors_b, payload_b = _full_state(model)
+    assert payload_a == payload_b and tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert torch.equal(tensors_a[key], tensors_b[key]), key
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.* holds no DynamicLoRA dynamics state"):
+        DynamicLoraCallback(resume_from_checkpoint=str(tmp_path / "empty")).on_train_begin(None, None, None,
+                                                                                         model=model)
+
+
 def test_dynamics_files_are_safetensors_and_json_only(tmp_path):
     model = get_peft_model(tiny_llama(), small_config())
     model.save_pretrained(tmp_path)

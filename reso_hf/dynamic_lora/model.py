@@ -18,7 +18,7 @@ from .config import (
     DYNAMICS_STATE_TENSORS_NAME,
     DynamicLoraConfig,
 )
-from .dynamics import AdapterDynamics
+from .dynamics import AdapterDynamics, factor_key
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
@@ -103,13 +103,13 @@ class DynamicLoraModel(BaseTuner):
         return registry[adapter_name]
 
     def tier_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """"<module>.<tier>.<A|B>" -> factor (live parameters, not copies)."""
+        """"<module>.<tier>.<A|B>" (`factor_key`) -> factor (live parameters, not copies)."""
         adapter_name = adapter_name or self.active_adapters[0]
         tensors = {}
         for name, layer in self.adapter_layers(adapter_name).items():
             for tier in layer.tier_names[adapter_name]:
-                tensors[f"{name}.{tier}.A"] = layer.dynamic_lora_A[adapter_name][tier]
-                tensors[f"{name}.{tier}.B"] = layer.dynamic_lora_B[adapter_name][tier]
+                tensors[factor_key(name, tier, "A")] = layer.dynamic_lora_A[adapter_name][tier]
+                tensors[factor_key(name, tier, "B")] = layer.dynamic_lora_B[adapter_name][tier]
         return tensors
 
     def select_tiers(self, adapter_name: str, tiers: Optional[list[str]], include_private: bool) -> list[str]:
@@ -235,6 +235,12 @@ class DynamicLoraModel(BaseTuner):
         dynamics.record("restore_snapshot", provenance=snapshot.provenance)
 
     # ----- persistence -------------------------------------------------------------------------------
+    def dynamics_state_dict(self, adapter_name: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON payload) of the adapter's dynamics state as saved: compact, so it takes the adapter's
+        current factors to be restored (`load_dynamics_state` finds them in the model)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return self.dynamics(adapter_name).state_dict(self.tier_tensors(adapter_name))
+
     def save_dynamics_state(self, save_directory: str, adapter_name: Optional[str] = None,
                             saved_tiers: Optional[list[str]] = None) -> None:
         """Write the dynamics state (safetensors + JSON) and the audit log (JSON lines), each atomically.
@@ -252,16 +258,19 @@ class DynamicLoraModel(BaseTuner):
             )
             self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
             return
-        tensors, payload = self.dynamics(adapter_name).state_dict()
+        tensors, payload = self.dynamics_state_dict(adapter_name)
         os.makedirs(save_directory, exist_ok=True)
         atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors)
         atomic_write_json(os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME), payload)
         self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
 
-    def load_dynamics_state(self, directory: str, adapter_name: Optional[str] = None) -> bool:
+    def load_dynamics_state(self, directory: str, adapter_name: Optional[str] = None,
+                            weights: Optional[dict[str, torch.Tensor]] = None) -> bool:
         """Restore the dynamics state saved in `directory`; False if the folder holds none.
 
-        A state from a different tier layout (names, ranks, modules) raises ValueError and changes nothing.
+        The state stores only what the adapter weights saved with it do not determine: load those weights first
+        (or pass them as `weights`, keyed like `tier_tensors`). A state from a different tier layout (names,
+        ranks, modules) or of an unknown format version raises ValueError and changes nothing.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         json_path = os.path.join(directory, DYNAMICS_STATE_JSON_NAME)
@@ -275,7 +284,9 @@ class DynamicLoraModel(BaseTuner):
         if not os.path.isfile(tensors_path):
             raise ValueError(f"{json_path} exists but {tensors_path} is missing: the dynamics state is incomplete.")
         tensors = load_safetensors(tensors_path)
-        self.dynamics(adapter_name).load_state_dict(tensors, payload)
+        factors = self.tier_tensors(adapter_name)
+        factors.update(weights or {})
+        self.dynamics(adapter_name).load_state_dict(tensors, payload, factors)
         return True
 
     def save_pretrained(
@@ -361,19 +372,20 @@ class DynamicLoraModel(BaseTuner):
         if isinstance(tuner, DynamicLoraModel) and adapter_name in tuner.peft_config:
             # one-shot: a later load_adapter into this adapter from another folder must not reuse it
             source = config.__dict__.pop("_dynamics_source", None)
+            # the weights are copied into the model after this hook: the state is restored against them
+            incoming = {}
+            for key, value in remapped.items():
+                match = _TIER_KEY.search(key)
+                if match and match["adapter"] == adapter_name:
+                    module = key[: match.start()].removeprefix("base_model.model.")
+                    incoming[factor_key(module, match["tier"], match.group(1))] = value
             restored = False
             if source is not None:
                 directory = source[0] if source[1] is None else os.path.join(source[0], source[1])
                 if os.path.isdir(directory):
-                    restored = tuner.load_dynamics_state(directory, adapter_name)
+                    restored = tuner.load_dynamics_state(directory, adapter_name, weights=incoming)
             if not restored:
                 # No saved dynamics: the loaded weights become the reference (init and anchors).
-                incoming = {}
-                for key, value in remapped.items():
-                    match = _TIER_KEY.search(key)
-                    if match and match["adapter"] == adapter_name:
-                        module = key[: match.start()].removeprefix("base_model.model.")
-                        incoming[(module, match["tier"], match.group(1))] = value
                 tuner.dynamics(adapter_name).reset_references(tuner.adapter_layers(adapter_name), incoming)
         return remapped
 

@@ -69,8 +69,11 @@ def dynamic_lora_config(sft_args: SftArguments) -> DynamicLoraConfig:
 
 
 def dynamics_digest(model) -> str:
-    """blake2b of the full dynamics state (tensors + JSON): equal on every rank when the state agrees."""
-    tensors, payload = find_dynamic_lora_tuner(model).dynamics().state_dict()
+    """blake2b of the adapter weights and the full dynamics state: equal on every rank when they agree."""
+    tuner = find_dynamic_lora_tuner(model)
+    tensors, payload = tuner.dynamics_state_dict()
+    # the saved state leaves out what the weights determine (anchors, ...), so the weights are hashed too
+    tensors = {**tensors, **{f"weights.{key}": value for key, value in tuner.tier_tensors().items()}}
     digest = hashlib.blake2b(json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16)
     for name in sorted(tensors):
         digest.update(name.encode())

@@ -37,7 +37,7 @@ def _saved_state(directory):
 def _assert_state_is(directory, tuner, adapter_name):
     """The folder holds exactly `adapter_name`'s dynamics state of `tuner` (and its audit log)."""
     tensors, payload = _saved_state(directory)
-    expected_tensors, expected_payload = tuner.dynamics(adapter_name).state_dict()
+    expected_tensors, expected_payload = tuner.dynamics_state_dict(adapter_name)
     assert payload == json.loads(json.dumps(expected_payload))
     assert tensors.keys() == expected_tensors.keys()
     for key in tensors:
@@ -64,8 +64,8 @@ def test_one_config_shared_by_two_adapters_saves_each_adapters_own_state(tmp_pat
     for name, seed in (("default", 20), ("second", 30)):
         _train(model, name, 2, first_seed=seed)
         _train(resumed, name, 2, first_seed=seed)
-        expected_tensors, expected_payload = tuner.dynamics(name).state_dict()
-        actual_tensors, actual_payload = resumed.base_model.dynamics(name).state_dict()
+        expected_tensors, expected_payload = tuner.dynamics_state_dict(name)
+        actual_tensors, actual_payload = resumed.base_model.dynamics_state_dict(name)
         assert json.loads(json.dumps(actual_payload)) == json.loads(json.dumps(expected_payload))
         for key in expected_tensors:
             assert torch.equal(actual_tensors[key], expected_tensors[key]), (name, key)
@@ -153,8 +153,8 @@ def test_torch_save_and_load_of_the_peft_model_round_trips_like_lora():
     # the loaded model owns a state equal to the original's and continues identically
     _train(model, "default", 2, first_seed=10)
     _train(loaded, "default", 2, first_seed=10)
-    expected_tensors, expected_payload = model.base_model.dynamics().state_dict()
-    actual_tensors, actual_payload = loaded.base_model.dynamics().state_dict()
+    expected_tensors, expected_payload = model.base_model.dynamics_state_dict()
+    actual_tensors, actual_payload = loaded.base_model.dynamics_state_dict()
     assert json.loads(json.dumps(actual_payload)) == json.loads(json.dumps(expected_payload))
     for key in expected_tensors:
         assert torch.equal(actual_tensors[key], expected_tensors[key]), key

@@ -9,10 +9,14 @@ SmolLM2-135M's configuration (hidden 576, 30 layers, 9 heads, 3 KV heads, interm
 
 Each adapter trains for a few AdamW steps with `dynamic_step` on random tokens (so importance and phases are
 populated), runs one manual migration (one rollback point in the ring), and is saved with `save_pretrained`.
-The table lists the files of the folder; the JSON also records how long saving and restoring the state took.
+The table lists the files of the folder; the JSON also records how long writing and restoring the dynamics
+state took (best of 3, one thread, so that other processes on the machine disturb it less).
 
     python benchmarks/dynamic_lora_state_size.py                 # table + results/dynamic_lora_state_size.json
     python benchmarks/dynamic_lora_state_size.py --steps 1 --output /tmp/sizes.json
+    # the previous state format: the package of an older commit first on the path
+    git archive 6c7c3d3 reso_hf | tar -x -C /tmp/format1 && PYTHONPATH=/tmp/format1 \
+        python benchmarks/dynamic_lora_state_size.py --note "reso_hf of 6c7c3d3" --output /tmp/format1.json
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
-from dynamic_lora_common import RESULTS, markdown_table  # noqa: E402
+from dynamic_lora_common import RESULTS, markdown_table, timed  # noqa: E402
 
 SMOLLM2_135M_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -62,14 +65,16 @@ def measure(name: str, settings: dict, steps: int, seq: int) -> dict:
     tuner.migrate(next(iter(tuner.adapter_layers())), "context")
     adapter_parameters = sum(p.numel() for n, p in model.named_parameters() if "dynamic_lora_" in n)
     with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
         model.save_pretrained(directory)
-        save_seconds = time.perf_counter() - start
         sizes = {f: Path(directory, f).stat().st_size for f in FILES if Path(directory, f).exists()}
         version = json.loads(Path(directory, "dynamic_lora_state.json").read_text()).get("version")
-        start = time.perf_counter()
-        tuner.load_dynamics_state(directory)
-        load_seconds = time.perf_counter() - start
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        save_seconds, load_seconds = [], []
+        for _ in range(3):
+            save_seconds.append(timed(lambda: tuner.save_dynamics_state(directory)))
+            load_seconds.append(timed(lambda: tuner.load_dynamics_state(directory)))
+        torch.set_num_threads(threads)
     state = sizes["dynamic_lora_state.safetensors"] + sizes["dynamic_lora_state.json"]
     return {
         "adapter": name,
@@ -81,8 +86,8 @@ def measure(name: str, settings: dict, steps: int, seq: int) -> dict:
         "state_bytes": state,
         "state_over_weights": state / sizes["adapter_model.safetensors"],
         "folder_bytes": sum(sizes.values()),
-        "save_seconds": save_seconds,
-        "load_state_seconds": load_seconds,
+        "save_state_seconds": min(save_seconds),
+        "load_state_seconds": min(load_seconds),
     }
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps before saving")
     parser.add_argument("--seq", type=int, default=32, help="tokens per training step")
     parser.add_argument("--output", default=str(RESULTS / "dynamic_lora_state_size.json"))
+    parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. which reso_hf was measured)")
     args = parser.parse_args()
     rows = [measure(name, settings, args.steps, args.seq) for name, settings in ADAPTERS.items()]
     table = markdown_table(
@@ -105,7 +111,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     result = {"command": "python benchmarks/dynamic_lora_state_size.py " + " ".join(sys.argv[1:]),
-              "commit": commit or None, "base": "random LlamaForCausalLM, SmolLM2-135M shapes",
+              "commit": commit or None, "note": args.note, "reso_hf": str(Path(reso_hf.__file__).parent),
+              "base": "random LlamaForCausalLM, SmolLM2-135M shapes",
               "shapes": SMOLLM2_135M_SHAPES, "steps": args.steps, "seq": args.seq,
               "torch": torch.__version__, "python": platform.python_version(), "rows": rows,
               "table_markdown": table}

@@ -882,14 +882,21 @@ def _packed_length(like: torch.Tensor) -> int:
     return (like.numel() + 7) // 8
 
 
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers, so that comparisons see bits (unlike ==: -0.0 vs 0.0, NaN payloads)."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
 def _same_bits(tensor: torch.Tensor, other: torch.Tensor) -> bool:
-    """Bit-for-bit equality (unlike ==, tells -0.0 from 0.0 and compares NaN payloads)."""
     if tensor.dtype != other.dtype or tensor.shape != other.shape:
         return False
-    if tensor.is_floating_point():
-        integer = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-        tensor, other = tensor.view(integer), other.view(integer)
-    return torch.equal(tensor, other.to(tensor.device))
+    return torch.equal(_as_bits(tensor), _as_bits(other.to(tensor.device)))
+
+
+def _all_zero_bits(tensor: torch.Tensor) -> bool:
+    return int(torch.count_nonzero(_as_bits(tensor))) == 0
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -911,10 +918,10 @@ def _encode_module_tensor(key: str, tensor: torch.Tensor,
                           factor: torch.Tensor) -> tuple[str, Optional[torch.Tensor]]:
     """(stored key, value to store or None when the factor determines it)."""
     if key in _PACKED:
-        return _stored_key(key), pack_bits(tensor) if bool(tensor.any()) else None
+        return _stored_key(key), None if _all_zero_bits(tensor) else pack_bits(tensor)
     if key in _DERIVED_FROM_FACTOR and _same_bits(tensor, factor.detach()):
         return key, None
-    if key in _ZERO_WHEN_ABSENT and _same_bits(tensor, torch.zeros_like(tensor)):
+    if key in _ZERO_WHEN_ABSENT and _all_zero_bits(tensor):
         return key, None
     return key, tensor.detach().cpu()
 

@@ -58,6 +58,9 @@ DEFAULT_MIGRATION_BANDWIDTH: dict[str, float] = {
 DYNAMICS_STATE_TENSORS_NAME = "dynamic_lora_state.safetensors"
 DYNAMICS_STATE_JSON_NAME = "dynamic_lora_state.json"
 AUDIT_LOG_NAME = "dynamic_lora_audit.jsonl"
+# safetensors metadata key of the state file: the JSON list of the tiers whose dynamics it holds (format 2 stores
+# no tensor of a tier whose state the weights determine, so the keys alone do not tell)
+DYNAMICS_STATE_TIERS_METADATA = "dynamic_lora_tiers"
 
 
 def _field(default: Any, help_text: str):

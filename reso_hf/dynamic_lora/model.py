@@ -16,6 +16,7 @@ from .config import (
     AUDIT_LOG_NAME,
     DYNAMICS_STATE_JSON_NAME,
     DYNAMICS_STATE_TENSORS_NAME,
+    DYNAMICS_STATE_TIERS_METADATA,
     DynamicLoraConfig,
 )
 from .dynamics import AdapterDynamics, factor_key
@@ -260,7 +261,8 @@ class DynamicLoraModel(BaseTuner):
             return
         tensors, payload = self.dynamics_state_dict(adapter_name)
         os.makedirs(save_directory, exist_ok=True)
-        atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors)
+        atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors,
+                                metadata={"format": "pt", DYNAMICS_STATE_TIERS_METADATA: json.dumps(config.tiers)})
         atomic_write_json(os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME), payload)
         self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
 

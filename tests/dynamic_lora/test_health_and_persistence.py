@@ -319,6 +319,11 @@ def test_saved_state_stores_only_what_the_weights_do_not_determine(tmp_path):
     # anchors equal the weights after a step; init_B is zero; masks are bits
     assert fields == {"init_A", "importance_A", "importance_B", "screened_A_bits", "screened_B_bits", "subspace"}
     assert all(t.dtype == torch.uint8 for k, t in tensors.items() if k.endswith("_bits"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "dynamic_lora_state.safetensors"), framework="pt") as handle:
+        # the tiers it describes, for readers of the file alone (reso-hf push's private-tier check)
+        assert json.loads(handle.metadata()["dynamic_lora_tiers"]) == [t["name"] for t in payload["layout"]["tiers"]]
     def data_bytes(tensors):  # without the file headers, which dominate at this size
         return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -15,8 +15,8 @@ state took (best of 3, one thread, so that other processes on the machine distur
     python benchmarks/dynamic_lora_state_size.py                 # table + results/dynamic_lora_state_size.json
     python benchmarks/dynamic_lora_state_size.py --steps 1 --output /tmp/sizes.json
     # the previous state format: the package of an older commit first on the path
-    git archive 6c7c3d3 reso_hf | tar -x -C /tmp/format1 && PYTHONPATH=/tmp/format1 \
-        python benchmarks/dynamic_lora_state_size.py --note "reso_hf of 6c7c3d3" --output /tmp/format1.json
+    mkdir /tmp/format1 && git archive b8d5f0c reso_hf | tar -x -C /tmp/format1 && PYTHONPATH=/tmp/format1 \
+        python benchmarks/dynamic_lora_state_size.py --note "reso_hf of b8d5f0c" --output /tmp/format1.json
 """
 
 from __future__ import annotations

@@ -715,7 +715,8 @@ class AdapterDynamics:
             module_scalars[name] = {}
             for tier, state in per_tier.items():
                 for key, tensor in state.tensors.items():
-                    stored_key, value = _encode_module_tensor(key, tensor, weights[factor_key(name, tier, _factor_of(key))])
+                    factor = weights[factor_key(name, tier, _factor_of(key))]
+                    stored_key, value = _encode_module_tensor(key, tensor, factor)
                     if value is not None:
                         tensors[f"module.{name}.{tier}.{stored_key}"] = value
                 if state.subspace is not None:

@@ -19,7 +19,7 @@ from .config import (
     DYNAMICS_STATE_TIERS_METADATA,
     DynamicLoraConfig,
 )
-from .dynamics import AdapterDynamics, factor_key
+from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
@@ -255,7 +255,7 @@ class DynamicLoraModel(BaseTuner):
             # leak what the weights leave out, so only the audit log and a note are written.
             atomic_write_json(
                 os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME),
-                {"format": "reso_hf.dynamic_lora.state", "omitted": True, "saved_tiers": list(saved_tiers)},
+                {"format": STATE_FORMAT, "omitted": True, "saved_tiers": list(saved_tiers)},
             )
             self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
             return

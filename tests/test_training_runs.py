@@ -438,7 +438,7 @@ def test_train_tokenizer_command(tmp_path):
     assert 259 < len(tokenizer) <= 300 and tokenizer.decode(tokenizer("¿Qué?")["input_ids"]) == "¿Qué?"
 
 
-def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
+def save_tiny_llama(directory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -446,10 +446,14 @@ def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    llama.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
     arguments = parse_recipe(sft.ARGUMENT_TYPES, str(ROOT / "recipes/dynamic_lora/sft_guanaco.yaml"), [
-        "--base_model", str(tmp_path / "llama"), "--use_bundled_sample", "true", "--block_size", "64",
+        "--base_model", save_tiny_llama(tmp_path / "llama"), "--use_bundled_sample", "true", "--block_size", "64",
         "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "true", "--max_train_samples", "20", "--max_eval_samples", "4",
@@ -463,3 +467,44 @@ def test_sft_on_a_llama_trains_only_the_adapter_and_reports_health(tmp_path):
     assert summary["data"]["assistant_only_loss"] is True
     assert (tmp_path / "out" / "dynamic_lora_dynamics.png").stat().st_size > 0
     assert (tmp_path / "out" / "adapter" / "dynamic_lora_state.safetensors").exists()
+
+
+def test_sft_resumed_after_a_kill_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    # Migrations, fast-tracks and threshold changes happen before and after the checkpoint (window 2), so the
+    # resumed run needs every part of the dynamics state: init_A, anchors, importance, phases, queue, ring.
+    lora = json.dumps({"target_modules": ["q_proj", "v_proj"], "autocorr_window": 2, "stable_windows": 1,
+                       "stability_threshold": 0.05, "vertical_threshold": 0.0,
+                       "tier_ranks": {"foundation": 4, "domain": 4, "swarm": 2, "agent": 2, "context": 2}})
+    base = save_tiny_llama(tmp_path / "llama")
+
+    def run(output_dir, *flags):
+        return sft.run(*parse_recipe(sft.ARGUMENT_TYPES, str(ROOT / "recipes/dynamic_lora/sft_guanaco.yaml"), [
+            "--base_model", base, "--use_bundled_sample", "true", "--block_size", "64", "--output_dir",
+            str(output_dir), "--max_steps", "10", "--save_steps", "5", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--eval_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true", "--max_train_samples", "40", "--dynamic_lora", lora,
+            *flags]), quiet=True)
+
+    reference = tmp_path / "reference"
+    run(reference)
+    # What a run killed (kill -9) between its checkpoints 5 and 10 leaves on disk: checkpoint publication is
+    # atomic (see test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run), nothing else is written
+    # before the end of training.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(reference / "checkpoint-5", interrupted / "checkpoint-5")
+    summary = run(interrupted, "--resume", "true")
+    assert summary["training"]["resumed_from"] == str(interrupted / "checkpoint-5")
+
+    expected_dir, actual_dir = reference / "adapter", interrupted / "adapter"
+    audit = [json.loads(line) for line in (expected_dir / "dynamic_lora_audit.jsonl").read_text().splitlines()]
+    events = {entry["event"] for entry in audit}
+    assert {"migration", "threshold_change"} <= events
+    assert any(e["event"] == "migration" and e["step"] < 5 for e in audit)
+    assert any(e["event"] == "migration" and e["step"] > 5 for e in audit)
+    for name in ("adapter_model.safetensors", "dynamic_lora_state.safetensors"):
+        expected, actual = load_file(expected_dir / name), load_file(actual_dir / name)
+        assert expected.keys() == actual.keys(), name
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (name, key)
+    for name in ("dynamic_lora_state.json", "dynamic_lora_audit.jsonl"):
+        assert (expected_dir / name).read_text() == (actual_dir / name).read_text(), name

@@ -61,8 +61,11 @@ def dynamic_lora_config(sft_args: SftArguments) -> DynamicLoraConfig:
 
 
 def dynamics_digest(model) -> str:
-    """blake2b of the full dynamics state (tensors + JSON): equal on every rank when the state agrees."""
-    tensors, payload = find_dynamic_lora_tuner(model).dynamics().state_dict()
+    """blake2b of the adapter weights and the full dynamics state: equal on every rank when they agree."""
+    tuner = find_dynamic_lora_tuner(model)
+    tensors, payload = tuner.dynamics_state_dict()
+    # the saved state leaves out what the weights determine (anchors, ...), so the weights are hashed too
+    tensors = {**tensors, **{f"weights.{key}": value for key, value in tuner.tier_tensors().items()}}
     digest = hashlib.blake2b(json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16)
     for name in sorted(tensors):
         digest.update(name.encode())
@@ -128,13 +131,13 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
     model = get_peft_model(base, lora_config)
     tuner = find_dynamic_lora_tuner(model)
-    if checkpoint is not None:
-        tuner.load_dynamics_state(checkpoint)
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
-    DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
+    # first, so the reporting integrations see its metrics; it restores the checkpoint's dynamics state once
+    # Trainer has reloaded the adapter weights
+    DynamicLoraCallback.attach(trainer, resume_from_checkpoint=checkpoint)
     train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     base.config.use_cache = True
     adapter_dir = os.path.join(training_args.output_dir, "adapter")

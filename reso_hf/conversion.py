@@ -16,6 +16,7 @@ function and training the resonant parts starts from the pretrained model:
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -115,3 +116,40 @@ def convert_and_save(source, output_dir: str, **switches) -> ResoLLMForCausalLM:
     if not isinstance(source, torch.nn.Module):
         load_tokenizer(resolve_model_source(str(source), field="source")).save_pretrained(output_dir)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `reso-hf convert`
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert a Llama-family model into a ResoLLM that computes the same function",
+        description="Convert SOURCE (a Hub id, a model folder or a .gguf file of a llama or mistral causal LM) into "
+                    "a ResoLLM folder OUT: the source's weights and tokenizer, every switched-on resonant component "
+                    "at its identity. With no switch the ResoLLM is the source itself.")
+    parser.add_argument("source", help="Hub id, model folder or .gguf file")
+    parser.add_argument("output_dir", help="folder to write (must be new or empty, unless --overwrite_output_dir)")
+    parser.add_argument("--prime_embedding", action="store_true", help="add the prime code (projection at zero)")
+    parser.add_argument("--kuramoto", action="store_true", help="add Kuramoto phase coupling (phase projection at zero)")
+    parser.add_argument("--coherence_gating", action="store_true", help="add coherence gates (fully open)")
+    parser.add_argument("--rope_spectrum", choices=("geometric", "golden"), default="geometric",
+                        help="golden replaces the source's rotary frequencies: positions must be re-learnt")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty output_dir")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(arguments) -> int:
+    if os.path.isdir(arguments.output_dir) and os.listdir(arguments.output_dir) and not arguments.overwrite_output_dir:
+        raise FileExistsError(f"output_dir {arguments.output_dir!r} is not empty; choose a new folder or pass "
+                              "--overwrite_output_dir")
+    switches = {name: getattr(arguments, name) for name in ("prime_embedding", "kuramoto", "coherence_gating")}
+    model = convert_and_save(arguments.source, arguments.output_dir, rope_spectrum=arguments.rope_spectrum, **switches)
+    added = sum(model.get_parameter(name).numel() for name in resonant_parameter_names(model))
+    on = [name for name, value in switches.items() if value] + (["golden spectrum"] if arguments.rope_spectrum ==
+                                                                  "golden" else [])
+    print(f"converted {arguments.source} -> {arguments.output_dir}: {model.num_parameters():,} parameters, "
+          f"{added:,} added by {', '.join(on) or 'no switch'}"
+          + (" (all at identity: the model computes the source's function)" if arguments.rope_spectrum == "geometric"
+             else ""))
+    return 0

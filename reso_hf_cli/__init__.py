@@ -133,6 +133,7 @@ COMMANDS = {
     "eval": Command("reso_hf.training.commands", "Held-out loss, perplexity and samples; writes eval_results.json.",
                     EVAL_HELP),
     "train-tokenizer": Command("reso_hf.training.commands", "Train a byte-level BPE ResoTokenizer.", TOKENIZER_HELP),
+    "convert": Command("reso_hf.conversion", "Convert a Llama-family model into a ResoLLM computing the same function."),
     "chat": Command("reso_hf.runtime.commands", "Interactive chat with a saved model."),
     "generate": Command("reso_hf.runtime.commands", "Generate a continuation of --prompt."),
     "card": Command("reso_hf.hub.commands", "(Re)render the model or adapter card (README.md) of a saved folder."),

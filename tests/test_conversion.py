@@ -110,3 +110,21 @@ def test_converted_folder_records_the_source_and_loads_without_reso_hf(llama, tm
         tmp_path,
     )
     assert torch.allclose(torch.tensor(json.loads(output.strip().splitlines()[-1])), expected.flatten(), atol=1e-5)
+
+
+def test_reso_hf_convert_writes_the_folder_and_refuses_a_non_empty_one(llama, tmp_path, capsys):
+    from reso_hf_cli import main
+
+    source = tmp_path / "source"
+    llama.save_pretrained(source)
+    reso_hf.create_default_tokenizer().save_pretrained(source)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--kuramoto", "--coherence_gating"]) == 0
+    printed = capsys.readouterr().out
+    assert "added by kuramoto, coherence_gating (all at identity" in printed
+    converted = reso_hf.ResoLLMForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert converted.config.kuramoto and converted.config.coherence_gating and not converted.config.prime_embedding
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(converted(ids).logits, llama(ids).logits, atol=1e-5)
+    assert main(["convert", str(source), str(tmp_path / "out")]) == 2
+    assert "reso-hf convert: error: output_dir" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from .dynamics import AdapterDynamics
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
+from .sharding import whole_factors
 
 _TIER_KEY = re.compile(r"\.dynamic_lora_([AB])\.(?P<adapter>[^.]+)\.(?P<tier>[^.]+)$")
 _CHECKPOINT_TIER_KEY = re.compile(r"^(?P<module>.+)\.dynamic_lora_(?P<which>[AB])\.(?P<tier>[^.]+)$")
@@ -141,9 +142,11 @@ class DynamicLoraModel(BaseTuner):
             if not config.dynamics_enabled or config.inference_mode:
                 metrics[name] = {"dynamics": "disabled"}
                 continue
-            metrics[name] = self.dynamics(name).step(
-                self.adapter_layers(name), optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
-            )
+            layers = self.adapter_layers(name)
+            with whole_factors(layers, name):  # gathers FSDP-sharded factors (see .sharding)
+                metrics[name] = self.dynamics(name).step(
+                    layers, optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
+                )
         return metrics[names[0]] if len(names) == 1 else metrics
 
     def health(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
@@ -153,7 +156,9 @@ class DynamicLoraModel(BaseTuner):
     def rollback(self, n: int = 1, adapter_name: Optional[str] = None) -> list[dict]:
         """Undo the last `n` migrations exactly (newest first)."""
         adapter_name = adapter_name or self.active_adapters[0]
-        return self.dynamics(adapter_name).rollback(self.adapter_layers(adapter_name), n)
+        layers = self.adapter_layers(adapter_name)
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).rollback(layers, n)
 
     def migrate(self, module: str, source: str, adapter_name: Optional[str] = None, subspace=None) -> Optional[dict]:
         """Migrate the top-k pattern of tier `source` on `module` to the next slower tier now (manual trigger)."""
@@ -162,9 +167,9 @@ class DynamicLoraModel(BaseTuner):
         if source not in tiers or tiers.index(source) == 0:
             raise ValueError(f"source must be one of {tiers[1:]} (a tier with a slower tier), got {source!r}.")
         target = tiers[tiers.index(source) - 1]
-        return self.dynamics(adapter_name).run_migration(
-            self.adapter_layers(adapter_name), module, source, target, subspace=subspace
-        )
+        layers = self.adapter_layers(adapter_name)
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).run_migration(layers, module, source, target, subspace=subspace)
 
     def audit_log(self, adapter_name: Optional[str] = None) -> list[dict]:
         return list(self.dynamics(adapter_name).audit)

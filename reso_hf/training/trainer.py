@@ -24,12 +24,13 @@ import json
 import os
 import shutil
 
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..dynamic_lora.serialization import atomic_write_text
+from .distributed import fsdp_on_cpu_processes, original_class, without_tied_copies
 
 STAGING_DIR = ".staging"
 TRAINING_ARGS_JSON = "training_args.json"
@@ -58,6 +59,19 @@ def publish_directory(source: str, target: str) -> None:
 
 
 class AtomicCheckpointTrainer(Trainer):
+    def create_accelerator_and_postprocess(self) -> None:
+        with fsdp_on_cpu_processes():  # FSDP on CPU processes too (see .distributed)
+            super().create_accelerator_and_postprocess()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            # Trainer writes no model with a sharded state dict; the folder must load with from_pretrained
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        super().save_model(output_dir, _internal_call=_internal_call)
+
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING_DIR)
@@ -77,7 +91,10 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir=None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+        if state_dict is not None and isinstance(self.model, PreTrainedModel):  # gathered by FSDP or DeepSpeed
+            state_dict = without_tied_copies(self.model, state_dict)
+        with original_class(self.model):  # FSDP's generated class would be saved as the remote code
+            super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if os.path.exists(pickled):

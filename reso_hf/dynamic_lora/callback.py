@@ -65,6 +65,19 @@ class DynamicLoraCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = find_dynamic_lora_tuner(model)
+        adapters = [self.adapter_name] if self.adapter_name else tuner.active_adapters
+        dynamic = [name for name in adapters if tuner.peft_config[name].dynamics_enabled]
+        if getattr(args, "deepspeed_plugin", None) is not None and dynamic:
+            raise ValueError(
+                "DynamicLoRA's dynamics read the factors' gradients after each optimizer step; DeepSpeed ZeRO moves "
+                "each gradient into its own partitioned buffers during backward and leaves param.grad empty, so "
+                f"there are none to read (adapters {dynamic}). Train with DDP (recipes/accelerate/multi_gpu_ddp.yaml) or FSDP "
+                "(recipes/accelerate/fsdp.yaml), or set dynamics_enabled=False in the DynamicLoraConfig."
+            )
+        return control
+
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         tuner = find_dynamic_lora_tuner(model)
         self.last_metrics = tuner.dynamic_step(optimizer=optimizer, adapter_name=self.adapter_name)

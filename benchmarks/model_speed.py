@@ -7,6 +7,8 @@ Timings are interleaved across variants and reported as medians, so machine nois
 
     python benchmarks/model_speed.py                 # small_config() dimensions
     python benchmarks/model_speed.py --preset tiny --repeats 3   # quick look
+    python benchmarks/model_speed.py --preset smollm2 --variants llama reso_converted reso_all_off \
+        --batch_size 2 --seq_len 128 --repeats 3 --output benchmarks/results/model_speed_smollm2.json
 """
 
 import argparse
@@ -34,8 +36,21 @@ VARIANTS = {
     "reso_golden_only": {**CORE_OFF, "rope_spectrum": "golden"},
     "reso_kuramoto_only": {**CORE_OFF, "kuramoto": True},
     "reso_gating_only": {**CORE_OFF, "coherence_gating": True},
+    # What `reso-hf convert` makes of a Llama (identity-initialised components, the source's geometric spectrum).
+    "reso_converted": dict(prime_embedding=True, rope_spectrum="geometric", kuramoto=True, coherence_gating=True,
+                           kuramoto_keeps_position=True, coherence_gate_normalized=True),
 }
-PRESETS = {"tiny": reso_hf.tiny_config, "small": reso_hf.small_config, "medium": reso_hf.medium_config}
+
+
+def smollm2_config(**overrides) -> reso_hf.ResoLLMConfig:
+    """SmolLM2-135M's dimensions (random weights, no download)."""
+    return reso_hf.ResoLLMConfig(**{**dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5), **overrides})
+
+
+PRESETS = {"tiny": reso_hf.tiny_config, "small": reso_hf.small_config, "medium": reso_hf.medium_config,
+           "smollm2": smollm2_config}
 
 
 def build(variant: str, preset: str, device: str):
@@ -48,7 +63,7 @@ def build(variant: str, preset: str, device: str):
             num_attention_heads=reso_config.num_attention_heads,
             num_key_value_heads=reso_config.num_key_value_heads,
             max_position_embeddings=reso_config.max_position_embeddings, rms_norm_eps=reso_config.rms_norm_eps,
-            tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": reso_config.rope_theta}, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )
         model = LlamaForCausalLM(config)
     else:

@@ -1,33 +1,14 @@
-"""`reso-hf` command line: one subcommand per module, each exposing `add_parser(subparsers)`.
+"""`python -m reso_hf.cli` (and `torchrun -m reso_hf.cli`): the `reso-hf` command.
 
-Each module's `add_parser` registers its subcommand(s) and sets `func` on the parser to a callable
-taking the parsed `argparse.Namespace` and returning an exit code.
+The command itself is `reso_hf_cli.main`, kept outside this package so that `reso-hf --help` does not import
+torch; this module is the same command for launchers that take a module inside reso_hf.
 """
 
-import argparse
-import importlib
 import sys
 
-# Modules that contribute subcommands, in the order they appear in `--help`.
-COMMAND_MODULES = [
-    "reso_hf.training.commands",
-    "reso_hf.runtime.commands",
-    "reso_hf.hub.commands",
-]
+from reso_hf_cli import main
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reso-hf", description="Reso-LLM and DynamicLoRA for Hugging Face.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).add_parser(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

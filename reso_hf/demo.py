@@ -46,7 +46,9 @@ def trainer_arguments(output_dir: str, steps: int, args: DemoArguments, learning
 def main(args: DemoArguments) -> None:
     pretrain_dir = os.path.join(args.output_dir, "pretrain")
     print(f"[1/4] Pretraining a tiny ResoLLM for {args.max_steps} steps on the bundled guanaco-format sample")
-    summary = pretrain.run(PretrainArguments(model_preset="tiny"), sample_data(args.block_size, False),
+    # the demo owns its folders: every run replaces the previous one (--overwrite_output_dir)
+    summary = pretrain.run(PretrainArguments(model_preset="tiny", overwrite_output_dir=True),
+                           sample_data(args.block_size, False),
                            trainer_arguments(pretrain_dir, args.max_steps, args, 3e-3), quiet=True)
     model_dir = summary["artifacts"]["model_dir"]
     print(f"      {summary['model']['parameters'] / 1e6:.2f}M parameters, train loss "
@@ -78,7 +80,7 @@ def main(args: DemoArguments) -> None:
     print(f"[4/4] DynamicLoRA SFT of that model for {args.sft_steps} steps (assistant tokens only)")
     tiers = {"target_modules": ["q_proj", "v_proj", "o_proj"], "autocorr_window": 5,
              "tier_ranks": {"foundation": 8, "domain": 8, "swarm": 4, "agent": 4, "context": 2}}
-    sft_summary = sft.run(SftArguments(base_model=model_dir, dynamic_lora=json.dumps(tiers)),
+    sft_summary = sft.run(SftArguments(base_model=model_dir, dynamic_lora=json.dumps(tiers), overwrite_output_dir=True),
                           sample_data(args.block_size, True),
                           trainer_arguments(sft_dir, args.sft_steps, args, 1e-3), quiet=True)
     health = sft_summary["dynamic_lora"]["health"]

@@ -10,6 +10,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .dynamic_lora.serialization import apply_umask_mode_to_safetensors
 from .modeling import (
     ResoLLMConfig,
     ResoLLMForCausalLM,
@@ -17,6 +18,7 @@ from .modeling import (
     ResoLLMForSequenceClassification,
     ResoLLMForTokenClassification,
     ResoLLMModel,
+    ResoLLMPreTrainedModel,
 )
 from .modeling.tokenization_reso_llm import ResoTokenizer
 
@@ -41,3 +43,10 @@ def register_reso_llm() -> None:
     for auto_class, model_class in AUTO_CLASSES.items():
         model_class.register_for_auto_class(auto_class.__name__)
     ResoTokenizer.register_for_auto_class("AutoTokenizer")
+    if _weights_mode_save_hook not in ResoLLMPreTrainedModel._post_save_hooks:
+        ResoLLMPreTrainedModel._post_save_hooks.append(_weights_mode_save_hook)
+
+
+def _weights_mode_save_hook(model, save_directory) -> None:
+    """The weights get the umask's mode like the other saved files (safetensors >= 0.8 writes them 0600)."""
+    apply_umask_mode_to_safetensors(str(save_directory))

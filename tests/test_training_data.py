@@ -10,6 +10,7 @@ import reso_hf
 from reso_hf.training.arguments import DataArguments
 from reso_hf.training.data import (
     IGNORE_INDEX,
+    DataFileError,
     DataSourceError,
     MalformedRowError,
     build_datasets,
@@ -63,21 +64,69 @@ def test_parse_malformed(text, reason):
         parse_guanaco(text)
 
 
-def test_malformed_rows_skipped_and_counted_or_rejected_in_strict_mode(tmp_path, tokenizer):
+def test_malformed_rows_skipped_and_counted_on_the_console_or_rejected_in_strict_mode(tmp_path, tokenizer, caplog):
     good = "### Human: q### Assistant: a"
     # (a non-string cell cannot share an arrow column with strings; parse_guanaco's type check is tested above)
     rows = [{"text": good}, {"text": ""}, {"text": "### Human: no answer"}, {"text": "7"}, {"text": good}]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     args = DataArguments(data_files=[path], eval_fraction=0.0, block_size=32)
-    train, evaluation, stats = build_datasets(args, tokenizer)
+    with caplog.at_level("WARNING", logger="reso_hf.training.data"):
+        train, evaluation, stats = build_datasets(args, tokenizer)
     summary = stats.to_dict()
     assert evaluation is None
     assert summary["rows"]["train"] == 5
     assert summary["malformed_rows"]["train"] == 3
     assert summary["malformed_reasons"]["train"] == {
         "empty text": 1, "no '### Assistant:' turn": 1, "text before the first '### Human:' marker: '7'": 1}
-    with pytest.raises(MalformedRowError, match=r"train row 1 is malformed: empty text \(3 malformed rows"):
+    assert [r.getMessage() for r in caplog.records] == [
+        "train: skipped 3 of 5 rows that are not guanaco conversations (1 x empty text; 1 x no '### Assistant:' "
+        "turn; 1 x text before the first '### Human:' marker: '7'); --strict true stops at the first one and names "
+        "its line"]
+    with pytest.raises(MalformedRowError, match=r"rows\.jsonl line 2: not a guanaco conversation: empty text "
+                                                 r"\(3 such rows in the train split"):
         build_datasets(DataArguments(data_files=[path], eval_fraction=0.0, block_size=32, strict=True), tokenizer)
+
+
+def test_strict_names_the_file_line_not_the_shuffled_index(tmp_path, tokenizer):
+    good = {"text": "### Human: q### Assistant: a"}
+    first = write_jsonl(tmp_path / "first.jsonl", [good] * 30)
+    # blank lines are not rows: the malformed row is the 8th row of second.jsonl but its line 10
+    second = tmp_path / "second.jsonl"
+    second.write_text("\n".join([json.dumps(good)] * 3 + ["", ""] + [json.dumps(good)] * 4
+                               + [json.dumps({"text": "no markers"})] + [json.dumps(good)] * 20) + "\n")
+    args = DataArguments(data_files=[first, str(second)], eval_fraction=0.2, split_seed=3, block_size=32, strict=True)
+    with pytest.raises(MalformedRowError, match=r"second\.jsonl line 10: not a guanaco conversation: text before"):
+        build_datasets(args, tokenizer)
+    args.streaming, args.max_eval_samples = True, 2
+    train, _, _ = build_datasets(args, tokenizer)
+    with pytest.raises(MalformedRowError, match=r"second\.jsonl line 10: not a guanaco conversation"):
+        list(train)
+
+
+GOOD_LINE = json.dumps({"text": "### Human: q### Assistant: a"})
+
+
+@pytest.mark.parametrize("name, content, message", ids=lambda value: value if isinstance(value, str) and
+                         value.endswith((".json", ".jsonl")) else "", argvalues=[
+    ("empty.jsonl", b"", r"empty\.jsonl: the file is empty \(no rows\)"),
+    ("blank.jsonl", b"\n  \n", r"blank\.jsonl: the file is empty \(no rows\)"),
+    ("broken.jsonl", (GOOD_LINE + "\n" + GOOD_LINE[:-1] + "\n" + GOOD_LINE + "\n").encode(),
+     r"broken\.jsonl line 2: not valid JSON: Expecting ',' delimiter \(column 40\)"),
+    ("latin1.jsonl", (GOOD_LINE + "\n").encode() + '{"text": "### Human: caf\u00e9### Assistant: a"}\n'.encode("latin-1"),
+     r"latin1\.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 25\); save the file as UTF-8"),
+    ("list.jsonl", (GOOD_LINE + "\n[1, 2]\n").encode(),
+     r"list\.jsonl line 2: a row must be a JSON object like \{\"text\": \.\.\.\}, got list"),
+    ("broken.json", b'[{"text": "a"},\n {"text": }]', r"broken\.json line 2: not valid JSON: Expecting value \(column 11\)"),
+    ("other.jsonl", (json.dumps({"prompt": "q", "answer": "a"}) + "\n").encode() * 3,
+     r"other\.jsonl: no 'text' column \(columns: \['prompt', 'answer'\]\); name the column .* with --text_field"),
+    ("one.jsonl", (GOOD_LINE + "\n").encode(),
+     r"one\.jsonl: 1 row\(s\) are too few to hold out eval_fraction=0\.1 of them for evaluation; .*--eval_fraction 0"),
+])
+def test_unusable_data_files_are_named_with_the_line_and_the_problem(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFileError, match=message):
+        build_datasets(DataArguments(data_files=[str(path)], block_size=32), tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- labels

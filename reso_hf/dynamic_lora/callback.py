@@ -52,16 +52,23 @@ class DynamicLoraCallback(TrainerCallback):
     `dynamic_lora/...` keys (health coded 0 HEALTHY .. 3 CRITICAL). Trainer calls its own reporting
     integrations before user callbacks; to have them see the metrics too, add this callback with
     `DynamicLoraCallback.attach(trainer)`, which puts it first.
+
+    Resuming: pass the checkpoint given to `trainer.train(resume_from_checkpoint=...)` as
+    `resume_from_checkpoint` too. Trainer reloads the adapter weights of a checkpoint with
+    `load_adapter`, which knows nothing of the dynamics state saved next to them; the callback restores that
+    state once Trainer has loaded everything (`on_train_begin`), so training continues bit for bit.
     """
 
-    def __init__(self, adapter_name: Optional[str] = None) -> None:
+    def __init__(self, adapter_name: Optional[str] = None, resume_from_checkpoint: Optional[str] = None) -> None:
         self.adapter_name = adapter_name
+        self.resume_from_checkpoint = resume_from_checkpoint
         self.last_metrics: dict[str, Any] = {}
         self.steps = 0
 
     @classmethod
-    def attach(cls, trainer, adapter_name: Optional[str] = None) -> "DynamicLoraCallback":
-        callback = cls(adapter_name)
+    def attach(cls, trainer, adapter_name: Optional[str] = None,
+               resume_from_checkpoint: Optional[str] = None) -> "DynamicLoraCallback":
+        callback = cls(adapter_name, resume_from_checkpoint)
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
@@ -73,8 +80,18 @@ class DynamicLoraCallback(TrainerCallback):
             raise ValueError(
                 "DynamicLoRA's dynamics read the factors' gradients after each optimizer step; DeepSpeed ZeRO moves "
                 "each gradient into its own partitioned buffers during backward and leaves param.grad empty, so "
-                f"there are none to read (adapters {dynamic}). Train with DDP (recipes/accelerate/multi_gpu_ddp.yaml) or FSDP "
-                "(recipes/accelerate/fsdp.yaml), or set dynamics_enabled=False in the DynamicLoraConfig."
+                f"there are none to read (adapters {dynamic}). Train with DDP (recipes/accelerate/multi_gpu_ddp.yaml) or "
+                "FSDP (recipes/accelerate/fsdp.yaml), or set dynamics_enabled=False in the DynamicLoraConfig."
+            )
+        if self.resume_from_checkpoint is None:
+            return control
+        with tuner.gathered_factors():  # restored against whole factors, which FSDP has sharded by now
+            restored = tuner.load_dynamics_state(self.resume_from_checkpoint, adapter_name=self.adapter_name)
+        if not restored:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={self.resume_from_checkpoint!r} holds no DynamicLoRA dynamics state "
+                "(dynamic_lora_state.json + .safetensors), so training cannot continue exactly; a checkpoint that "
+                "left private tiers out has none. Resume from a checkpoint saved with all tiers."
             )
         return control
 

@@ -58,6 +58,9 @@ DEFAULT_MIGRATION_BANDWIDTH: dict[str, float] = {
 DYNAMICS_STATE_TENSORS_NAME = "dynamic_lora_state.safetensors"
 DYNAMICS_STATE_JSON_NAME = "dynamic_lora_state.json"
 AUDIT_LOG_NAME = "dynamic_lora_audit.jsonl"
+# safetensors metadata key of the state file: the JSON list of the tiers whose dynamics it holds (format 2 stores
+# no tensor of a tier whose state the weights determine, so the keys alone do not tell)
+DYNAMICS_STATE_TIERS_METADATA = "dynamic_lora_tiers"
 
 
 def _field(default: Any, help_text: str):
@@ -382,14 +385,34 @@ class DynamicLoraConfig(PeftConfig):
                 result[key] = sorted(value)
         return result
 
-    def attach_dynamics_owner(self, tuner, adapter_name: str) -> None:
-        """Remember the live tuner so that `save_pretrained` of this config also writes the dynamics state.
+    def expect_dynamics_save(self, tuner, adapter_name: str, saved_tiers: list[str]) -> None:
+        """Make the next `save_pretrained` of this config write `tuner`'s dynamics state of `adapter_name`.
 
-        PEFT's `PeftModel.save_pretrained` has no hook for tuner state other than the adapter weights, but it
-        always saves the config of each adapter into the adapter's folder; that call is where the dynamics
-        state is written. The reference is weak and is not a dataclass field, so it is never serialised.
+        PEFT's `PeftModel.save_pretrained` has no hook for tuner state besides the adapter weights: for each adapter
+        it asks the tuner for the weights (`DynamicLoraModel._get_adapter_state_dict`, which calls this) and then
+        saves that adapter's config into the adapter's folder, where the dynamics state is written. The state is
+        owned by the tuner, keyed by adapter name; this one-shot note only says whose state the very next config
+        save belongs to, so one config shared by several adapters or models, a deep copy or a deleted adapter
+        never writes another adapter's state. The note holds a weak reference and is dropped by pickling and
+        copying (see `__getstate__`).
         """
-        self._dynamics_owner = (weakref.ref(tuner), adapter_name)
+        self._pending_dynamics_save = (weakref.ref(tuner), adapter_name, list(saved_tiers))
+
+    def _claim_dynamics_save(self) -> tuple[Any, Optional[str], Optional[list[str]]]:
+        """(tuner, adapter name, saved tiers) announced for this save, or (None, None, None)."""
+        note = self.__dict__.pop("_pending_dynamics_save", None)
+        if note is None:
+            return None, None, None
+        tuner, adapter_name, saved_tiers = note[0](), note[1], note[2]
+        # the adapter may have been deleted or given another config since the announcement
+        if tuner is None or tuner.peft_config.get(adapter_name) is not self:
+            return None, None, None
+        return tuner, adapter_name, saved_tiers
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_pending_dynamics_save", None)  # a weak reference to a live tuner: meaningless in a copy
+        return state
 
     # Callables `hook(config, save_directory, tuner_or_None, adapter_name_or_None)` run after the config and the
     # dynamics state are written (PEFT calls this last, on the main process only). Not a dataclass field.
@@ -398,18 +421,17 @@ class DynamicLoraConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}.")
+        tuner, adapter_name, saved_tiers = self._claim_dynamics_save()
         os.makedirs(save_directory, exist_ok=True)
         auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
         output = self.to_dict()
         if auto_mapping_dict is not None:
             output["auto_mapping"] = auto_mapping_dict
         atomic_write_text(os.path.join(save_directory, "adapter_config.json"), json.dumps(output, indent=2, sort_keys=True))
-        owner = getattr(self, "_dynamics_owner", None)
-        tuner = owner[0]() if owner is not None else None
         if tuner is not None:
-            tuner.save_dynamics_state(save_directory, adapter_name=owner[1])
+            tuner.save_dynamics_state(save_directory, adapter_name=adapter_name, saved_tiers=saved_tiers)
         for hook in DynamicLoraConfig._post_save_hooks:  # e.g. reso_hf.hub's adapter-card writer
-            hook(self, save_directory, tuner, owner[1] if tuner is not None else None)
+            hook(self, save_directory, tuner, adapter_name)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -148,7 +148,10 @@ class AdapterDynamics:
 
     # ----- references ----------------------------------------------------------------------------------
     def reset_references(self, layers: dict[str, "DynamicLoraLayer"], incoming: Optional[dict] = None) -> None:
-        """(Re)build per-module state with init = anchor = the current (or incoming) factor values."""
+        """(Re)build per-module state with init = anchor = the current (or incoming) factor values.
+
+        `incoming`: factors about to be loaded, keyed by `factor_key(module, tier, "A"|"B")`.
+        """
         self.module_states = {}
         self.module_shapes = {}
         for name, layer in layers.items():
@@ -158,8 +161,8 @@ class AdapterDynamics:
                 factor_a = layer.dynamic_lora_A[self.adapter_name][tier].detach()
                 factor_b = layer.dynamic_lora_B[self.adapter_name][tier].detach()
                 if incoming is not None:
-                    factor_a = incoming.get((name, tier, "A"), factor_a).detach()
-                    factor_b = incoming.get((name, tier, "B"), factor_b).detach()
+                    factor_a = incoming.get(factor_key(name, tier, "A"), factor_a).detach()
+                    factor_b = incoming.get(factor_key(name, tier, "B"), factor_b).detach()
                 device = layer.dynamic_lora_A[self.adapter_name][tier].device
                 factor_a = factor_a.to(device)
                 factor_b = factor_b.to(device)
@@ -699,15 +702,23 @@ class AdapterDynamics:
             "modules": {name: list(shape) for name, shape in sorted(self.module_shapes.items())},
         }
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON-able dict) holding everything needed to resume the dynamics bit for bit."""
+    def state_dict(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able dict) holding everything needed to resume the dynamics bit for bit (format v2).
+
+        `weights` are the adapter factors saved next to the state, keyed by `factor_key(module, tier, "A"|"B")`.
+        What they determine is not stored (see STATE_ENCODING): anchors and init_A equal to the factors (always
+        the anchors after a step), an all-zero init_B or importance, and screened masks are packed 8 per byte.
+        """
         tensors: dict[str, torch.Tensor] = {}
         module_scalars: dict[str, dict[str, Any]] = {}
         for name, per_tier in self.module_states.items():
             module_scalars[name] = {}
             for tier, state in per_tier.items():
                 for key, tensor in state.tensors.items():
-                    tensors[f"module.{name}.{tier}.{key}"] = tensor.detach().cpu()
+                    factor = weights[factor_key(name, tier, _factor_of(key))]
+                    stored_key, value = _encode_module_tensor(key, tensor, factor)
+                    if value is not None:
+                        tensors[f"module.{name}.{tier}.{stored_key}"] = value
                 if state.subspace is not None:
                     tensors[f"module.{name}.{tier}.subspace"] = state.subspace.detach().cpu()
                 module_scalars[name][tier] = {
@@ -721,8 +732,10 @@ class AdapterDynamics:
             for key, tensor in point.tensors.items():
                 tensors[f"ring.{point.point_id}.{key}"] = tensor.detach().cpu()
         payload = {
-            "format": "reso_hf.dynamic_lora.state",
-            "version": 1,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "encoding": STATE_ENCODING,
+            "stored_tensors": len(tensors),
             "adapter_name": self.adapter_name,
             "layout": self.layout(),
             "step": self.step_count,
@@ -740,10 +753,17 @@ class AdapterDynamics:
         }
         return tensors, payload
 
-    def check_compatible(self, payload: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def check_compatible(self, payload: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         weights: dict[str, torch.Tensor]) -> None:
         """Raise ValueError, before anything is changed, if a saved state does not fit this adapter."""
-        if payload.get("format") != "reso_hf.dynamic_lora.state":
+        if payload.get("format") != STATE_FORMAT:
             raise ValueError(f"Not a DynamicLoRA dynamics state (format {payload.get('format')!r}).")
+        version = payload.get("version")
+        if version not in READABLE_STATE_VERSIONS:
+            raise ValueError(
+                f"The DynamicLoRA dynamics state has format version {version!r}; this reso_hf reads versions "
+                f"{list(READABLE_STATE_VERSIONS)} (a newer reso_hf wrote it? upgrade reso_hf)."
+            )
         saved_tiers = payload["layout"]["tiers"]
         expected_tiers = self.layout()["tiers"]
         if saved_tiers != expected_tiers:
@@ -761,23 +781,46 @@ class AdapterDynamics:
                 "The saved dynamics state adapts different modules: missing "
                 f"{missing[:5]}, unexpected {extra[:5]} (or different shapes)."
             )
+        if version >= 2 and payload["stored_tensors"] != len(tensors):
+            raise ValueError(f"The saved dynamics state lists {payload['stored_tensors']} tensors but its file holds "
+                             f"{len(tensors)}: the .safetensors and .json files do not belong together.")
         for name, per_tier in self.module_states.items():
             for tier, state in per_tier.items():
-                for key, tensor in state.tensors.items():
-                    saved = tensors.get(f"module.{name}.{tier}.{key}")
-                    if saved is None or tuple(saved.shape) != tuple(tensor.shape):
+                for key in state.tensors:
+                    weight = weights[factor_key(name, tier, _factor_of(key))]
+                    if version == 1:
+                        saved = tensors.get(f"module.{name}.{tier}.{key}")
+                        expected = tuple(weight.shape)
+                    else:
+                        stored_key = _stored_key(key)
+                        saved = tensors.get(f"module.{name}.{tier}.{stored_key}")
+                        if saved is None:
+                            continue  # derived from the weights (or zeros) on load
+                        expected = (_packed_length(weight),) if stored_key != key else tuple(weight.shape)
+                    if saved is None or tuple(saved.shape) != expected:
                         raise ValueError(f"The saved dynamics state lacks or misshapes 'module.{name}.{tier}.{key}'.")
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], payload: dict[str, Any]) -> None:
-        self.check_compatible(payload, tensors)
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], payload: dict[str, Any],
+                        weights: dict[str, torch.Tensor]) -> None:
+        """Restore a state of format v1 or v2; `weights` are the factors saved with it (see `state_dict`)."""
+        self.check_compatible(payload, tensors, weights)
+        version = payload["version"]
         module_states: dict[str, dict[str, ModuleTierState]] = {}
         for name, per_tier in self.module_states.items():
             module_states[name] = {}
             for tier, state in per_tier.items():
                 scalars = payload["module_scalars"][name][tier]
                 device = state.tensors["anchor_A"].device
+                restored = {}
+                for key in state.tensors:
+                    if version == 1:  # every tensor stored as it was in memory
+                        value = tensors[f"module.{name}.{tier}.{key}"]
+                    else:
+                        value = _decode_module_tensor(key, tensors.get(f"module.{name}.{tier}.{_stored_key(key)}"),
+                                                      weights[factor_key(name, tier, _factor_of(key))])
+                    restored[key] = value.to(device).clone()
                 module_states[name][tier] = ModuleTierState(
-                    tensors={key: tensors[f"module.{name}.{tier}.{key}"].to(device).clone() for key in state.tensors},
+                    tensors=restored,
                     subspace=tensors[f"module.{name}.{tier}.subspace"].clone() if scalars["has_subspace"] else None,
                     stable_count=int(scalars["stable_count"]),
                     last_autocorr=float(scalars["last_autocorr"]),
@@ -803,3 +846,92 @@ class AdapterDynamics:
         self.last_nonfinite_step = int(payload["last_nonfinite_step"])
         self.last_metrics = payload["last_metrics"]
 
+
+# ----- the saved form of the per-(module, tier) tensors ----------------------------------------------------------
+# Version 1 stored every tensor of MODULE_TENSOR_FIELDS as it is in memory: 3.25x the adapter weights (anchors
+# and init_A repeat the factors, init_B is zero, masks took a byte per element). Version 2 leaves out what the
+# saved factors determine; it is what state_dict writes, and load_state_dict reads both.
+STATE_FORMAT = "reso_hf.dynamic_lora.state"
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
+STATE_ENCODING = (
+    "per module and tier: anchor_A/anchor_B and init_A, when absent, equal the saved factor A/B; init_B and "
+    "importance_A/importance_B, when absent, are zeros; screened_A/screened_B are stored as screened_A_bits/"
+    "screened_B_bits (uint8, 8 elements per byte, most significant bit first, row-major), absent when none is set"
+)
+_DERIVED_FROM_FACTOR = ("anchor_A", "anchor_B", "init_A")
+_ZERO_WHEN_ABSENT = ("init_B", "importance_A", "importance_B")
+_PACKED = ("screened_A", "screened_B")
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def factor_key(module: str, tier: str, which: str) -> str:
+    """Key of one factor in `DynamicLoraModel.tier_tensors` and in the `weights` of state_dict/load_state_dict."""
+    return f"{module}.{tier}.{which}"
+
+
+def _factor_of(key: str) -> str:
+    """"A" or "B": the factor a per-module tensor (e.g. "importance_B") has the shape of."""
+    return key.rsplit("_", 1)[1]
+
+
+def _stored_key(key: str) -> str:
+    return key + "_bits" if key in _PACKED else key
+
+
+def _packed_length(like: torch.Tensor) -> int:
+    return (like.numel() + 7) // 8
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers, so that comparisons see bits (unlike ==: -0.0 vs 0.0, NaN payloads)."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _same_bits(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    if tensor.dtype != other.dtype or tensor.shape != other.shape:
+        return False
+    return torch.equal(_as_bits(tensor), _as_bits(other.to(tensor.device)))
+
+
+def _all_zero_bits(tensor: torch.Tensor) -> bool:
+    return int(torch.count_nonzero(_as_bits(tensor))) == 0
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8, 8 elements per byte (most significant bit first, row-major)."""
+    flat = mask.detach().reshape(-1).cpu().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The boolean tensor of `like`'s shape that `pack_bits` packed."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.reshape(-1, 1).to(torch.uint8) >> shifts) & 1
+    return bits.reshape(-1)[: like.numel()].view(like.shape).bool()
+
+
+def _encode_module_tensor(key: str, tensor: torch.Tensor,
+                          factor: torch.Tensor) -> tuple[str, Optional[torch.Tensor]]:
+    """(stored key, value to store or None when the factor determines it)."""
+    if key in _PACKED:
+        return _stored_key(key), None if _all_zero_bits(tensor) else pack_bits(tensor)
+    if key in _DERIVED_FROM_FACTOR and _same_bits(tensor, factor.detach()):
+        return key, None
+    if key in _ZERO_WHEN_ABSENT and _all_zero_bits(tensor):
+        return key, None
+    return key, tensor.detach().cpu()
+
+
+def _decode_module_tensor(key: str, stored: Optional[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
+    if key in _PACKED:
+        return unpack_bits(stored, factor) if stored is not None else torch.zeros_like(factor, dtype=torch.bool)
+    if stored is not None:
+        return stored
+    if key in _DERIVED_FROM_FACTOR:
+        return factor.detach()
+    return torch.zeros_like(factor)

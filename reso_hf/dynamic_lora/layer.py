@@ -30,7 +30,10 @@ class DynamicLoraLayer(BaseTunerLayer):
     """Mixin holding the per-tier factors of every adapter on one base layer."""
 
     adapter_layer_names: tuple[str, ...] = ("dynamic_lora_A", "dynamic_lora_B")
-    other_param_names: tuple[str, ...] = ("dynamic_lora_dropout", "dynamic_lora_scale")
+    # every per-adapter structure, so that BaseTunerLayer.delete_adapter removes the adapter from all of them
+    other_param_names: tuple[str, ...] = (
+        "dynamic_lora_dropout", "dynamic_lora_scale", "tier_names", "tier_ranks", "tier_scalings", "_fused_cache",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from contextlib import ExitStack, contextmanager
 from typing import Any, Optional
 
 import torch
@@ -15,9 +17,10 @@ from .config import (
     AUDIT_LOG_NAME,
     DYNAMICS_STATE_JSON_NAME,
     DYNAMICS_STATE_TENSORS_NAME,
+    DYNAMICS_STATE_TIERS_METADATA,
     DynamicLoraConfig,
 )
-from .dynamics import AdapterDynamics
+from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
@@ -68,7 +71,6 @@ class DynamicLoraModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
-        peft_config.attach_dynamics_owner(self, adapter_name)
 
     def _post_injection_hook(self, model: torch.nn.Module, config: DynamicLoraConfig, adapter_name: str) -> None:
         # Capture init = the freshly initialised factors now, before any optimizer step.
@@ -84,25 +86,33 @@ class DynamicLoraModel(BaseTuner):
             if isinstance(module, DynamicLoraLayer) and adapter_name in module.dynamic_lora_A
         }
 
+    @property
+    def dynamics_registry(self) -> dict[str, AdapterDynamics]:
+        """Adapter name -> its dynamics state. The tuner owns it (not the config, which adapters and models may
+        share); it is copied by `copy.deepcopy` and pickled with the model."""
+        # kept in __dict__ rather than assigned, so nn.Module's attribute machinery never sees it
+        return self.__dict__.setdefault("_dynamics_registry", {})
+
     def dynamics(self, adapter_name: Optional[str] = None) -> AdapterDynamics:
         adapter_name = adapter_name or self.active_adapters[0]
-        registry = self.__dict__.setdefault("_dynamics_registry", {})
+        registry = self.dynamics_registry
         if adapter_name not in registry:
             if adapter_name not in self.peft_config:
                 raise KeyError(f"Unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}.")
             dynamics = AdapterDynamics(self.peft_config[adapter_name], adapter_name, self.adapter_layers(adapter_name))
-            dynamics.provenance_fn = lambda name=adapter_name: self.provenance(name)
+            # a bound method, not a closure: deepcopy rebinds it to the copied tuner, and it pickles
+            dynamics.provenance_fn = functools.partial(self.provenance, adapter_name)
             registry[adapter_name] = dynamics
         return registry[adapter_name]
 
     def tier_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """"<module>.<tier>.<A|B>" -> factor (live parameters, not copies)."""
+        """"<module>.<tier>.<A|B>" (`factor_key`) -> factor (live parameters, not copies)."""
         adapter_name = adapter_name or self.active_adapters[0]
         tensors = {}
         for name, layer in self.adapter_layers(adapter_name).items():
             for tier in layer.tier_names[adapter_name]:
-                tensors[f"{name}.{tier}.A"] = layer.dynamic_lora_A[adapter_name][tier]
-                tensors[f"{name}.{tier}.B"] = layer.dynamic_lora_B[adapter_name][tier]
+                tensors[factor_key(name, tier, "A")] = layer.dynamic_lora_A[adapter_name][tier]
+                tensors[factor_key(name, tier, "B")] = layer.dynamic_lora_B[adapter_name][tier]
         return tensors
 
     def select_tiers(self, adapter_name: str, tiers: Optional[list[str]], include_private: bool) -> list[str]:
@@ -232,31 +242,52 @@ class DynamicLoraModel(BaseTuner):
         dynamics.record("restore_snapshot", provenance=snapshot.provenance)
 
     # ----- persistence -------------------------------------------------------------------------------
-    def save_dynamics_state(self, save_directory: str, adapter_name: Optional[str] = None) -> None:
-        """Write the dynamics state (safetensors + JSON) and the audit log (JSON lines), each atomically."""
+    @contextmanager
+    def gathered_factors(self):
+        """Every adapter's factors whole on every rank while active, when FSDP shards them (a collective); no-op
+        otherwise. The dynamics state is saved (on the main process only) and restored against whole factors."""
+        with ExitStack() as stack:
+            for name in self.peft_config:
+                stack.enter_context(whole_factors(self.adapter_layers(name), name, write_back=False))
+            yield
+
+    def dynamics_state_dict(self, adapter_name: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON payload) of the adapter's dynamics state as saved: compact, so it takes the adapter's
+        current factors to be restored (`load_dynamics_state` finds them in the model)."""
         adapter_name = adapter_name or self.active_adapters[0]
-        # set for the duration of one save (tuner.save_pretrained, or PEFT's save through _get_adapter_state_dict)
-        selection = self.__dict__.get("_save_selection", {}).pop(adapter_name, None)
+        return self.dynamics(adapter_name).state_dict(self.tier_tensors(adapter_name))
+
+    def save_dynamics_state(self, save_directory: str, adapter_name: Optional[str] = None,
+                            saved_tiers: Optional[list[str]] = None) -> None:
+        """Write the dynamics state (safetensors + JSON) and the audit log (JSON lines), each atomically.
+
+        `saved_tiers`: the tiers whose weights go into the same folder (default: all).
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
-        if selection is not None and list(selection) != list(config.tiers):
+        if saved_tiers is not None and list(saved_tiers) != list(config.tiers):
             # A subset (privacy / tiers=) is meant for sharing: per-element dynamics of unsaved tiers would
             # leak what the weights leave out, so only the audit log and a note are written.
             atomic_write_json(
                 os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME),
-                {"format": "reso_hf.dynamic_lora.state", "omitted": True, "saved_tiers": list(selection)},
+                {"format": STATE_FORMAT, "omitted": True, "saved_tiers": list(saved_tiers)},
             )
             self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
             return
-        tensors, payload = self.dynamics(adapter_name).state_dict()
+        tensors, payload = self.dynamics_state_dict(adapter_name)
         os.makedirs(save_directory, exist_ok=True)
-        atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors)
+        atomic_save_safetensors(os.path.join(save_directory, DYNAMICS_STATE_TENSORS_NAME), tensors,
+                                metadata={"format": "pt", DYNAMICS_STATE_TIERS_METADATA: json.dumps(config.tiers)})
         atomic_write_json(os.path.join(save_directory, DYNAMICS_STATE_JSON_NAME), payload)
         self.write_audit_log(os.path.join(save_directory, AUDIT_LOG_NAME), adapter_name)
 
-    def load_dynamics_state(self, directory: str, adapter_name: Optional[str] = None) -> bool:
+    def load_dynamics_state(self, directory: str, adapter_name: Optional[str] = None,
+                            weights: Optional[dict[str, torch.Tensor]] = None) -> bool:
         """Restore the dynamics state saved in `directory`; False if the folder holds none.
 
-        A state from a different tier layout (names, ranks, modules) raises ValueError and changes nothing.
+        The state stores only what the adapter weights saved with it do not determine: load those weights first
+        (or pass them as `weights`, keyed like `tier_tensors`). A state from a different tier layout (names,
+        ranks, modules) or of an unknown format version raises ValueError and changes nothing.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         json_path = os.path.join(directory, DYNAMICS_STATE_JSON_NAME)
@@ -270,7 +301,9 @@ class DynamicLoraModel(BaseTuner):
         if not os.path.isfile(tensors_path):
             raise ValueError(f"{json_path} exists but {tensors_path} is missing: the dynamics state is incomplete.")
         tensors = load_safetensors(tensors_path)
-        self.dynamics(adapter_name).load_state_dict(tensors, payload)
+        factors = self.tier_tensors(adapter_name)
+        factors.update(weights or {})
+        self.dynamics(adapter_name).load_state_dict(tensors, payload, factors)
         return True
 
     def save_pretrained(
@@ -295,15 +328,13 @@ class DynamicLoraModel(BaseTuner):
                 state[f"base_model.model.{name}.dynamic_lora_B.{tier}"] = layer.dynamic_lora_B[adapter_name][tier]
         os.makedirs(save_directory, exist_ok=True)
         atomic_save_safetensors(os.path.join(save_directory, "adapter_model.safetensors"), state)
-        registry = self.__dict__.setdefault("_save_selection", {})
-        registry[adapter_name] = selected
         inference_mode = config.inference_mode
         config.inference_mode = True
         try:
-            config.save_pretrained(save_directory)  # also writes the dynamics state (see attach_dynamics_owner)
+            config.expect_dynamics_save(self, adapter_name, selected)
+            config.save_pretrained(save_directory)  # also writes the dynamics state (see expect_dynamics_save)
         finally:
             config.inference_mode = inference_mode
-            registry.pop(adapter_name, None)
         return selected
 
     def export_lora(self, save_directory: str, adapter_name: Optional[str] = None, tiers: Optional[list[str]] = None,
@@ -319,16 +350,11 @@ class DynamicLoraModel(BaseTuner):
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
+        chosen = [t for t in config.tiers if config.privacy_of(t) != "private"]
         tuner = getattr(model, "base_model", None)
-        chosen = None
         if isinstance(tuner, DynamicLoraModel):
-            chosen = tuner.__dict__.get("_save_selection", {}).get(adapter_name)
-        if chosen is None:
-            chosen = [t for t in config.tiers if config.privacy_of(t) != "private"]
-            if isinstance(tuner, DynamicLoraModel):
-                tuner.__dict__.setdefault("_save_selection", {})[adapter_name] = chosen
-                if chosen == list(config.tiers):
-                    tuner.__dict__["_save_selection"].pop(adapter_name)
+            # PeftModel.save_pretrained saves this adapter's config next: it writes this tuner's dynamics state
+            config.expect_dynamics_save(tuner, adapter_name, chosen)
         result = {}
         for key, value in selected.items():
             match = _TIER_KEY.search(key)
@@ -361,23 +387,25 @@ class DynamicLoraModel(BaseTuner):
         )
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, DynamicLoraModel) and adapter_name in tuner.peft_config:
-            source = getattr(config, "_dynamics_source", None)
+            # one-shot: a later load_adapter into this adapter from another folder must not reuse it
+            source = config.__dict__.pop("_dynamics_source", None)
+            # the weights are copied into the model after this hook: the state is restored against them
+            incoming = {}
+            for key, value in remapped.items():
+                match = _TIER_KEY.search(key)
+                if match and match["adapter"] == adapter_name:
+                    module = key[: match.start()].removeprefix("base_model.model.")
+                    incoming[factor_key(module, match["tier"], match.group(1))] = value
             restored = False
             if source is not None:
                 directory = source[0] if source[1] is None else os.path.join(source[0], source[1])
                 if os.path.isdir(directory):
-                    restored = tuner.load_dynamics_state(directory, adapter_name)
+                    restored = tuner.load_dynamics_state(directory, adapter_name, weights=incoming)
             if not restored:
                 # No saved dynamics: the loaded weights become the reference (init and anchors).
-                incoming = {}
-                for key, value in remapped.items():
-                    match = _TIER_KEY.search(key)
-                    if match and match["adapter"] == adapter_name:
-                        module = key[: match.start()].removeprefix("base_model.model.")
-                        incoming[(module, match["tier"], match.group(1))] = value
                 tuner.dynamics(adapter_name).reset_references(tuner.adapter_layers(adapter_name), incoming)
         return remapped
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.__dict__.get("_dynamics_registry", {}).pop(adapter_name, None)
+        self.dynamics_registry.pop(adapter_name, None)

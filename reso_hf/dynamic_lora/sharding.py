@@ -18,11 +18,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @contextmanager
-def whole_factors(layers: dict, adapter_name: str):
+def whole_factors(layers: dict, adapter_name: str, write_back: bool = True):
     """While active, `layers`' factors of `adapter_name` are whole (gathered) parameters with whole gradients.
 
-    On leaving normally, the shards take the new values. If the body raises, the shards are put back
-    unchanged and the exception propagates. A collective: every rank must enter it.
+    On leaving normally, the shards take the new values (unless `write_back` is False: reading only). If the body
+    raises, the shards are put back unchanged and the exception propagates. A collective: every rank enters it.
     """
     swapped = []
     try:
@@ -38,6 +38,8 @@ def whole_factors(layers: dict, adapter_name: str):
                     container[tier] = whole
                     swapped.append((container, tier, sharded, whole))
         yield
+        if not write_back:
+            return
         with torch.no_grad():
             for _, _, sharded, whole in swapped:
                 # every rank holds the same whole factor: each keeps its own rows, no communication

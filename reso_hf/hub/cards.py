@@ -20,7 +20,9 @@ the card reads and checks:
     schema      "reso-hf/eval_results/v1"                                   required
     dataset     {"source": str (Hub id, local files or the bundled sample),  required
                  "split": str,                                              required
-                 "id": Hub dataset id (optional; else source when it is one), "config", "revision" (optional)}
+                 "name": str (optional; shown and put in the model-index instead of source, which may be a
+                 local path), "id": Hub dataset id (optional; else source when it is one), "config",
+                 "revision" (optional)}
     metrics     [{"type": "loss" | "perplexity" | ..., "name": str, "value": finite number}, ...]  required,
                 non-empty, types unique; "loss" is the mean cross-entropy in nats/token and, when both are
                 present, "perplexity" must equal exp(loss)
@@ -196,7 +198,7 @@ def validate_eval_results(payload: Any, source: str = EVAL_RESULTS_NAME) -> dict
     for key in ("source", "split"):
         if not isinstance(dataset.get(key), str) or not dataset[key]:
             raise CardError(f"{source}: field 'dataset.{key}' must be a non-empty string, got {dataset.get(key)!r}")
-    for key in ("id", "config", "revision"):
+    for key in ("name", "id", "config", "revision"):
         if dataset.get(key) is not None and not isinstance(dataset[key], str):
             raise CardError(f"{source}: field 'dataset.{key}' must be a string or null, got {dataset[key]!r}")
     if dataset.get("id") is not None:
@@ -308,8 +310,13 @@ def _evaluation_context(results: Optional[dict]) -> Optional[dict]:
         return None
     metrics = [(m.get("name") or m["type"], f"{m['value']:.4f}" if isinstance(m["value"], float) else _fmt(m["value"]))
                for m in results["metrics"]]
-    return {"dataset_name": _fmt(results["dataset"]["source"]), "split": results["dataset"]["split"],
+    return {"dataset_name": _fmt(_dataset_name(results["dataset"])), "split": results["dataset"]["split"],
             "num_tokens": None if results.get("tokens") is None else _fmt(results["tokens"]), "metrics": metrics}
+
+
+def _dataset_name(dataset: dict) -> str:
+    """The recorded name (never a local path); results written before names were recorded have only the source."""
+    return dataset.get("name") or dataset["source"]
 
 
 def _eval_results_entries(results: Optional[dict], model_name: str) -> Optional[list[EvalResult]]:
@@ -319,7 +326,7 @@ def _eval_results_entries(results: Optional[dict], model_name: str) -> Optional[
     dataset_id = dataset.get("id") or _hub_dataset_id(dataset["source"])
     return [
         EvalResult(task_type="text-generation", task_name="Causal language modeling",
-                   dataset_type=dataset_id or "local", dataset_name=dataset["source"],
+                   dataset_type=dataset_id or "local", dataset_name=_dataset_name(dataset),
                    dataset_config=dataset.get("config"), dataset_split=dataset["split"],
                    dataset_revision=dataset.get("revision"), metric_type=metric["type"],
                    metric_name=metric.get("name") or metric["type"], metric_value=float(metric["value"]))

@@ -30,6 +30,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..dynamic_lora.config import DYNAMICS_STATE_TENSORS_NAME, DYNAMICS_STATE_TIERS_METADATA
 from .cards import CARD_NAME, _TIER_KEY, CardError, folder_kind, render_card, safetensors_shapes
 
 # (pattern, reason); a pattern ending in "/" matches a folder at any depth.
@@ -145,6 +146,15 @@ def select_files(folder: str | os.PathLike, include_training_state: bool = False
     return selected, left_out
 
 
+def _dynamics_state_tiers(path: Path) -> set[str]:
+    """Tiers whose dynamics a DynamicLoRA state file holds, from its metadata (none recorded before format 2)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return set(json.loads(metadata.get(DYNAMICS_STATE_TIERS_METADATA, "[]")))
+
+
 def _check_no_private_tiers(folder: Path, selected: list[str]) -> None:
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     if config.get("peft_type") != "DYNAMIC_LORA":
@@ -156,8 +166,10 @@ def _check_no_private_tiers(folder: Path, selected: list[str]) -> None:
         if not relative.endswith(".safetensors"):
             continue
         shapes = safetensors_shapes(folder / relative)
-        if relative == "dynamic_lora_state.safetensors":
+        if relative == DYNAMICS_STATE_TENSORS_NAME:
             leaked = {t for key in shapes for t in private if f".{t}." in key}
+            # format 2 stores no tensor of a tier whose state the weights determine: the file names its tiers
+            leaked |= private & _dynamics_state_tiers(folder / relative)
         else:
             leaked = {m["tier"] for key in shapes if (m := _TIER_KEY.search(key)) and m["tier"] in private}
         if leaked:

@@ -199,7 +199,12 @@ class ResoLLMConfig(PretrainedConfig):
     - `prime_code_dim` (int, even): length of the [cos, sin] phasor code (K = prime_code_dim / 2 frequencies).
     - `rope_spectrum` ("geometric" | "golden"): rotary wavelengths spaced by `rope_theta` or by powers of phi (§3.2).
     - `kuramoto` (bool): causal Kuramoto phase coupling on a reserved 2-d slice of each head (§3.3).
+    - `kuramoto_keeps_position` (bool): the content phase is added to the reserved pair's positional angle instead
+      of replacing it, so a zero phase projection leaves standard RoPE intact (models converted from Llama set it).
     - `coherence_gating` (bool): full-range sigmoid gate on each MLP output (§3.4).
+    - `coherence_gate_normalized` (bool): divide each gate by its fully open value sigma(k (1 - tau)), so an open
+      gate is exactly 1 (models converted from Llama set it and start fully open).
+    - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
     - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`: sub-configs
       (objects or dicts) for the v2 extensions.
     """
@@ -243,15 +248,18 @@ class ResoLLMConfig(PretrainedConfig):
         rope_spectrum: str = "golden",
         kuramoto: bool = True,
         kuramoto_coupling_init: float = 0.5,
+        kuramoto_keeps_position: bool = False,
         coherence_gating: bool = True,
         coherence_threshold: float = 1 / GOLDEN_RATIO,
         coherence_sharpness: float = 12.0,
+        coherence_gate_normalized: bool = False,
         agency=None,
         prsc=None,
         temporal_smf=None,
         stability=None,
         entanglement=None,
         stochastic_resonance=None,
+        source_model: str | None = None,
         reso_hf_version: str = RESO_HF_VERSION,
         **kwargs,
     ):
@@ -287,11 +295,14 @@ class ResoLLMConfig(PretrainedConfig):
         self.rope_spectrum = rope_spectrum
         self.kuramoto = kuramoto
         self.kuramoto_coupling_init = kuramoto_coupling_init
+        self.kuramoto_keeps_position = kuramoto_keeps_position
         self.coherence_gating = coherence_gating
+        self.coherence_gate_normalized = coherence_gate_normalized
         self.coherence_threshold = coherence_threshold
         self.coherence_sharpness = coherence_sharpness
         for name, cls in SUB_CONFIGS.items():
             setattr(self, name, cls.coerce(locals()[name], name))
+        self.source_model = source_model
         self.reso_hf_version = reso_hf_version
         self._validate_fields()
         self.head_dim = self.resolved_head_dim  # as Llama does; transformers' RoPE functions read it
@@ -325,7 +336,8 @@ class ResoLLMConfig(PretrainedConfig):
         _check(not self.kuramoto or self.resolved_head_dim >= 4, "head_dim", self.resolved_head_dim,
                ">= 4 when kuramoto=True")
         _check(self.rope_spectrum in ROPE_SPECTRA, "rope_spectrum", self.rope_spectrum, f"one of {ROPE_SPECTRA}")
-        for name in ("prime_embedding", "kuramoto", "coherence_gating", "tie_word_embeddings", "use_cache", "mlp_bias"):
+        for name in ("prime_embedding", "kuramoto", "kuramoto_keeps_position", "coherence_gating",
+                     "coherence_gate_normalized", "tie_word_embeddings", "use_cache", "mlp_bias"):
             _check_bool("", name, getattr(self, name))
         _check_positive_int("", "prime_code_dim", self.prime_code_dim, minimum=2)
         _check(self.prime_code_dim % 2 == 0, "prime_code_dim", self.prime_code_dim, "an even int (cos and sin halves)")

@@ -93,20 +93,28 @@ class ResoLLMMLP(LlamaMLP):
     pass
 
 
+def positional_pairs(config: ResoLLMConfig) -> int:
+    """Rotary pairs that carry a positional angle: all of them, except Kuramoto's reserved last pair unless
+    `kuramoto_keeps_position` adds the content phase to that pair's positional angle."""
+    reserved = config.kuramoto and not config.kuramoto_keeps_position
+    return config.resolved_head_dim // 2 - (1 if reserved else 0)
+
+
 class ResoLLMRotaryEmbedding(nn.Module):
     """Positional rotary phases in rotate-half layout (pair j = dims j and j + head_dim/2).
 
     Without Kuramoto it returns full-width cos/sin exactly like Llama, including RoPE scaling
     (`config.rope_parameters`: linear, dynamic, yarn, llama3, ... through transformers' own functions). With
     Kuramoto the last pair of every head is reserved for the content phase, so it returns the
-    ``head_dim/2 - 1`` positional angles of one half; the attention completes each layer's full-width cos/sin.
+    ``head_dim/2 - 1`` positional angles of one half (all ``head_dim/2`` with `kuramoto_keeps_position`); the
+    attention completes each layer's full-width cos/sin.
     """
 
     def __init__(self, config: ResoLLMConfig):
         super().__init__()
         self.config = config
         self.reserve_content_pair = config.kuramoto
-        self.num_pairs = config.resolved_head_dim // 2 - (1 if config.kuramoto else 0)
+        self.num_pairs = positional_pairs(config)
         self.rope_type = config.rope_parameters["rope_type"]
         self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = self.compute_inv_freq(config)
@@ -117,7 +125,7 @@ class ResoLLMRotaryEmbedding(nn.Module):
     def compute_inv_freq(config: ResoLLMConfig) -> tuple[torch.Tensor, float]:
         """(inverse frequencies of the positional pairs, attention scaling of the RoPE type)."""
         head_dim = config.resolved_head_dim
-        num_pairs = head_dim // 2 - (1 if config.kuramoto else 0)
+        num_pairs = positional_pairs(config)
         rope_type = config.rope_parameters["rope_type"]
         if config.rope_spectrum == "golden" or rope_type == "default":
             return rotary_inverse_frequencies(config.rope_spectrum, num_pairs, head_dim, config.rope_theta), 1.0
@@ -199,6 +207,13 @@ class ResoLLMAttention(nn.Module):
         shape = (content_cos.shape[0], content_cos.shape[1], -1, -1)  # local key/value heads under tensor parallelism
         cos, sin = cos.expand(shape), sin.expand(shape)
         content_cos, content_sin = content_cos.to(cos.dtype), content_sin.to(sin.dtype)
+        if self.config.kuramoto_keeps_position:
+            # The last pair turns by its positional angle a plus the content phase b: cos(a + b), sin(a + b).
+            # A zero content phase (cos b = 1, sin b = 0) leaves standard RoPE exactly.
+            position_cos, position_sin = cos[..., -1:], sin[..., -1:]
+            cos, sin = cos[..., :-1], sin[..., :-1]
+            content_cos, content_sin = (position_cos * content_cos - position_sin * content_sin,
+                                        position_sin * content_cos + position_cos * content_sin)
         key_cos = torch.cat([cos, content_cos, cos, content_cos], dim=-1)
         key_sin = torch.cat([sin, content_sin, sin, content_sin], dim=-1)
         if self.num_key_value_groups == 1:
@@ -262,7 +277,8 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.coherence_gate = (
-            ResoLLMCoherenceGate(config.hidden_size, config.coherence_threshold, config.coherence_sharpness)
+            ResoLLMCoherenceGate(config.hidden_size, config.coherence_threshold, config.coherence_sharpness,
+                                 config.coherence_gate_normalized)
             if config.coherence_gating
             else None
         )
@@ -721,6 +737,18 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         self.post_init()
         self.reso_state = ResoState(config)
         self.tokenizer = None
+
+    @classmethod
+    def from_llama(cls, source, **switches) -> "ResoLLMForCausalLM":
+        """Convert a pretrained Llama-family causal LM (a Hub id, a folder, a `.gguf` file or a loaded model) into
+        a ResoLLM that computes the same function: each switched-on component (`prime_embedding`, `kuramoto`,
+        `coherence_gating`) starts as a no-op; `rope_spectrum="golden"` re-learns positions. See
+        `reso_hf.conversion`."""
+        try:
+            from reso_hf.conversion import convert_from_llama
+        except ImportError as error:
+            raise ImportError("from_llama needs the reso-hf package: pip install reso-hf") from error
+        return convert_from_llama(source, **switches)
 
     # ---------------------------------------------------------------------------------------------
     # State that outlives a call: goals, foci, bindings, memory (SPEC §3.5-§3.7)

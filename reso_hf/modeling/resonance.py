@@ -209,16 +209,28 @@ class ResoLLMCoherenceGate(nn.Module):
     # from an ordinary transformer block.
     INITIAL_BIAS = 2.0
 
-    def __init__(self, hidden_size: int, threshold: float, sharpness: float):
+    # Bias of a gate converted to start fully open: sigmoid(40) is 1.0 in float32 and bfloat16.
+    OPEN_BIAS = 40.0
+
+    def __init__(self, hidden_size: int, threshold: float, sharpness: float, normalized: bool = False):
         super().__init__()
         self.score = nn.Linear(hidden_size, 1)
         self.threshold = threshold
         self.sharpness = sharpness
+        self.normalized = normalized
 
     def forward(self, mlp_output: torch.Tensor):
         coherence = torch.sigmoid(self.score(mlp_output))
         gate = torch.sigmoid(self.sharpness * (coherence - self.threshold))
+        if self.normalized:  # divide by the fully open value (c = 1), computed the same way: open is exactly 1
+            gate = gate / torch.sigmoid(self.sharpness * (torch.ones_like(coherence[..., :1, :1]) - self.threshold))
         return mlp_output * gate, gate.squeeze(-1)
+
+    @torch.no_grad()
+    def open_fully(self) -> None:
+        """Start as a no-op (with `normalized`): c = 1 for every input, so the gate is exactly 1."""
+        self.score.weight.zero_()
+        self.score.bias.fill_(self.OPEN_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------

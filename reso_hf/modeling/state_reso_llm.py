@@ -210,4 +210,9 @@ def _write_json(path: str, document: dict) -> None:
 def _atomic(path: str, write) -> None:
     temporary = path + ".tmp"
     write(temporary)
+    # safetensors >= 0.8 writes 0600 whatever the umask (its issue #782): give the file the mode open() would.
+    # (This file is copied into checkpoints, so it cannot use reso_hf's serialization helpers.)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     os.replace(temporary, path)

@@ -17,10 +17,29 @@ only for a ResoLLM, the others get the model line and the token count / time of 
 """
 
 import sys
+from collections import Counter
 
 from .inference import describe_model, generate_result
 
 COMMANDS_HELP = "commands: exit | goal <description> | status | metrics"
+STEPS_SHOWN = 5
+
+
+def summarize_warnings(warnings: list[dict]) -> str:
+    """One line for the telemetry warnings of an answer: the count of each type, with the steps of the state
+    changes (`entered_*`, `stopped_*`); the per-step early warnings (`predicted_*`) are counted only."""
+    counts = Counter(warning["type"] for warning in warnings)
+    parts = []
+    for kind, count in counts.items():
+        steps = [w["step"] for w in warnings if w["type"] == kind]
+        if kind.startswith(("entered_", "stopped_")):
+            shown = ", ".join(str(step) for step in steps[:STEPS_SHOWN]) + (", ..." if count > STEPS_SHOWN else "")
+            parts.append(f"{kind.replace('_', ' ')} x{count} (step{'s' if count > 1 else ''} {shown})")
+        elif kind.startswith("predicted_"):
+            parts.append(f"{kind.replace('_', ' ')} x{count}")
+        else:  # one-off notices (e.g. a reduced max_length): their own message
+            parts += [w["message"] for w in warnings if w["type"] == kind]
+    return "warnings: " + "; ".join(parts)
 
 
 class ChatSession:
@@ -35,6 +54,12 @@ class ChatSession:
         self.history: list[dict] = []
         self.last_result = None
         self.pending_goal: str | None = None
+        self.notice = None
+        context = getattr(engine.model.config, "max_position_embeddings", None)
+        if context is not None and self.max_new_tokens > context // 2:  # else every answer is cut, with a warning
+            self.notice = (f"max_new_tokens {self.max_new_tokens} -> {context // 2}: the model's context is {context} "
+                           f"tokens, and half of it is kept for the conversation")
+            self.max_new_tokens = context // 2
 
     def say(self, text: str) -> None:
         print(text, file=self.output, flush=True)
@@ -42,6 +67,8 @@ class ChatSession:
     def run(self) -> int:
         title = "ResoLLM" if self.engine.reso_model is not None else describe_model(self.engine.model)
         self.say(f"{title} chat. {COMMANDS_HELP}")
+        if self.notice:
+            self.say(self.notice)
         for raw in self.input:
             if not self.handle(raw.strip()):
                 break
@@ -98,8 +125,8 @@ class ChatSession:
         self.say(f"Assistant: {result.text.strip()}")
         if self.show_metrics:
             self.say(result.metrics_line())
-            for warning in result.warnings:
-                self.say(f"  warning: {warning['message']}")
+            if result.warnings:
+                self.say(f"  {summarize_warnings(result.warnings)}")
 
     def status(self) -> str:
         model = self.engine.reso_model

@@ -1,6 +1,7 @@
 """Training and evaluation on guanaco-format data: data pipeline, pretraining, DynamicLoRA SFT, evaluation."""
 
 from .data import (
+    DataFileError,
     DataSourceError,
     MalformedRowError,
     build_datasets,
@@ -10,6 +11,7 @@ from .data import (
 )
 
 __all__ = [
+    "DataFileError",
     "DataSourceError",
     "MalformedRowError",
     "build_datasets",

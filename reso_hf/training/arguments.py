@@ -2,8 +2,12 @@
 
 A recipe is a flat YAML mapping whose keys are fields of these dataclasses or of
 `transformers.TrainingArguments`; every field is also a `--flag`, and flags given on the command line win
-over the recipe. An unknown recipe key is an error that names it. Nested mappings (`config_overrides`,
-`dynamic_lora`) are passed on as JSON strings.
+over the recipe. Nested mappings (`config_overrides`, `dynamic_lora`) are passed on as JSON strings.
+
+Everything is checked before any model or data is loaded, and every problem is an `ArgumentError` (a
+`ValueError`) whose one-line message names the recipe file and field, or the flag, and what is allowed: an
+unknown field or flag, a value of the wrong type (a list where one value is expected, text where a number is),
+a value out of range (a negative learning rate, a zero batch size).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -20,6 +25,15 @@ from transformers import HfArgumentParser
 from .data import CHAT_TEMPLATE_CHOICES
 
 MODEL_PRESETS = ("tiny", "small", "medium", "large")
+DEFAULT_ASSISTANT_ONLY_LOSS = True
+
+
+class ArgumentError(ValueError):
+    """A recipe field or flag that cannot be used; the message names it and what is allowed."""
+
+    def __init__(self, message: str, field_name: str | None = None):
+        super().__init__(message)
+        self.field_name = field_name
 
 
 @dataclass
@@ -44,8 +58,9 @@ class DataArguments:
     block_size: int = field(default=512, metadata={"help": "Tokens per training row (packed block or truncation length)."})
     packing: bool = field(default=True, metadata={
         "help": "Pack documents into blocks of block_size tokens with position ids restarting per document."})
-    assistant_only_loss: bool = field(default=True, metadata={
-        "help": "Compute the loss on assistant tokens only (false: on every token)."})
+    assistant_only_loss: Optional[bool] = field(default=None, metadata={
+        "help": "Compute the loss on assistant tokens only (false: on every token). Default: true for train and "
+                "sft; for eval, what the model was trained with (its run_summary.json), else true."})
     chat_template: str = field(default="auto", metadata={
         "help": "Formatting: 'model' (the tokenizer's own template), 'guanaco', or 'auto' (own if any, else guanaco).",
         "choices": list(CHAT_TEMPLATE_CHOICES)})
@@ -61,11 +76,24 @@ class DataArguments:
         if self.chat_template not in CHAT_TEMPLATE_CHOICES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATE_CHOICES}, got {self.chat_template!r}")
 
+    def loss_on_assistant_only(self) -> bool:
+        """`assistant_only_loss`, or its default (true) when it was not given."""
+        return DEFAULT_ASSISTANT_ONLY_LOSS if self.assistant_only_loss is None else self.assistant_only_loss
+
     def hub_dataset_id(self) -> str | None:
         """The Hub dataset id when the data comes from the Hub (not local files, a folder or the sample)."""
         if self.use_bundled_sample or self.data_files or os.path.isdir(self.dataset_name):
             return None
         return self.dataset_name
+
+    def display_name(self) -> str:
+        """A name for the data in cards and eval results: a Hub id, file names, or the bundled sample's name
+        (never a local path)."""
+        if self.use_bundled_sample:
+            return "reso-hf guanaco sample"
+        if self.data_files:
+            return ", ".join(os.path.basename(path) for path in self.data_files)
+        return os.path.basename(os.path.normpath(self.dataset_name)) if os.path.isdir(self.dataset_name) else self.dataset_name
 
     def source(self) -> str:
         if self.use_bundled_sample:
@@ -85,6 +113,8 @@ class PretrainArguments:
         "help": "Train a byte-level BPE of this size on the training texts before training the model."})
     resume: bool = field(default=False, metadata={
         "help": "Resume exactly from the last complete checkpoint in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the run already in output_dir (its checkpoints, model/ and reports) by a new one."})
 
     def __post_init__(self):
         if self.model_preset not in MODEL_PRESETS:
@@ -101,6 +131,8 @@ class SftArguments:
     dynamic_lora: Optional[str] = field(default=None, metadata={
         "help": "JSON object of DynamicLoraConfig fields (a mapping in YAML), e.g. tiers, tier_ranks, target_modules."})
     resume: bool = field(default=False, metadata={"help": "Resume exactly from the last complete checkpoint in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the run already in output_dir (its checkpoints, adapter/ and reports) by a new one."})
 
 
 @dataclass
@@ -115,30 +147,72 @@ class EvalArguments:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Parsing
 
 
 def load_recipe(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle) or {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ArgumentError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
+    except UnicodeDecodeError as error:
+        raise ArgumentError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     if not isinstance(recipe, dict):
-        raise ValueError(f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}")
+        raise ArgumentError(f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}")
     return recipe
 
 
-def recipe_to_argv(recipe: dict, dataclass_types, source: str = "recipe") -> list[str]:
-    """Turn a recipe mapping into CLI flags (so YAML values get exactly the CLI's type conversion)."""
+def argument_parser(dataclass_types, prog: str | None = None) -> HfArgumentParser:
+    """HfArgumentParser that raises `ArgumentError` instead of printing the whole usage and exiting, and that
+    takes no abbreviated flags (`--max_step` is not silently `--max_steps`)."""
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
+
+    def error(message):
+        raise ArgumentError(message)
+
+    parser.error = error
+    return parser
+
+
+def full_help(dataclass_types, prog: str) -> str:
+    """Every field of the dataclasses with its type, default and help (argparse's help text)."""
+    return argument_parser(dataclass_types, prog).format_help()
+
+
+def _actions_by_field(parser) -> dict:
+    return {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+
+
+def recipe_to_argv(recipe: dict, dataclass_types, source: str = "recipe", parser=None) -> list[str]:
+    """Turn a recipe mapping into CLI flags (so YAML values get exactly the CLI's type conversion).
+
+    A list is accepted only by a field that takes several values, a mapping only by a text field (it is passed
+    on as JSON); anything else is an `ArgumentError` naming `source` and the field.
+    """
+    actions = _actions_by_field(parser or argument_parser(dataclass_types))
     known = {f.name for cls in dataclass_types for f in fields(cls) if f.init}
     argv = []
     for key, value in recipe.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=3)
-            hint = f"; did you mean {close}?" if close else "; see --help for the allowed fields"
-            raise ValueError(f"{source}: unknown field {key!r}{hint}")
+            hint = f"; did you mean {close}?" if close else "; see --help-all for the allowed fields"
+            raise ArgumentError(f"{source}: unknown field {key!r}{hint}")
         if value is None:
-            raise ValueError(f"{source}: field {key!r} is null; omit it to keep its default")
+            raise ArgumentError(f"{source}: field {key!r} is null; omit it to keep its default")
+        action = actions[key]
+        takes_several = action.nargs in ("+", "*")
         if isinstance(value, list):
-            argv += [f"--{key}", *[json.dumps(v) if isinstance(v, dict) else str(v) for v in value]]
+            if not takes_several:
+                raise ArgumentError(f"{source}: field {key!r} takes one {_kind(action)}, got the list {value!r}")
+            if any(isinstance(item, (list, dict)) for item in value):
+                raise ArgumentError(f"{source}: field {key!r} takes a list of {_kind(action)}s, got {value!r}")
+            argv += [f"--{key}", *[str(v) for v in value]]
         elif isinstance(value, dict):
+            if action.type not in (None, str):
+                raise ArgumentError(f"{source}: field {key!r} takes one {_kind(action)}, got the mapping {value!r}")
             argv += [f"--{key}", json.dumps(value)]
         elif isinstance(value, bool):
             argv += [f"--{key}", "true" if value else "false"]
@@ -147,18 +221,147 @@ def recipe_to_argv(recipe: dict, dataclass_types, source: str = "recipe") -> lis
     return argv
 
 
+def _kind(action) -> str:
+    if action.choices:
+        return "of " + ", ".join(repr(choice) for choice in action.choices)
+    names = {int: "integer", float: "number", str: "text value"}
+    return names.get(action.type, "boolean" if action.nargs == "?" and action.const is True else "value")
+
+
+_ARGPARSE_MESSAGE = re.compile(r"^argument --([\w]+)(?:/--[\w-]+)*: (.*)$", re.DOTALL)
+
+
+def _from_recipe(message: str, source: str) -> str:
+    """argparse's "argument --x/--x-y: problem" as "RECIPE: field 'x': problem"."""
+    match = _ARGPARSE_MESSAGE.match(message)
+    return f"{source}: field {match.group(1)!r}: {match.group(2)}" if match else f"{source}: {message}"
+
+
+def _from_command_line(message: str) -> str:
+    match = _ARGPARSE_MESSAGE.match(message)
+    return f"--{match.group(1)}: {match.group(2)}" if match else message
+
+
 def parse_recipe(dataclass_types, recipe_path: Optional[str], argv: list[str]) -> tuple:
-    """Dataclasses from a YAML recipe (optional) overridden by CLI flags. Unknown fields are errors."""
-    parser = HfArgumentParser(dataclass_types)
-    recipe_argv = recipe_to_argv(load_recipe(recipe_path), dataclass_types, recipe_path) if recipe_path else []
-    return parser.parse_args_into_dataclasses(args=recipe_argv + list(argv))
+    """Dataclasses from a YAML recipe (optional) overridden by CLI flags, with every value checked.
+
+    Raises `ArgumentError` (unknown field or flag, wrong type, value out of range) naming the recipe file and
+    field or the flag, and `FileNotFoundError` for a missing recipe."""
+    parser = argument_parser(dataclass_types)
+    recipe_argv = []
+    if recipe_path:
+        recipe_argv = recipe_to_argv(load_recipe(recipe_path), dataclass_types, recipe_path, parser)
+        try:  # the recipe alone first, so that a bad value is reported as the recipe's
+            parser.parse_known_args(recipe_argv)
+        except ArgumentError as error:
+            raise ArgumentError(_from_recipe(str(error), recipe_path)) from None
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=recipe_argv + list(argv),
+                                                                return_remaining_strings=True)
+    except ArgumentError as error:
+        raise ArgumentError(_from_command_line(str(error))) from None
+    if remaining:
+        raise ArgumentError(_unknown_flags_message(remaining, parser))
+    try:
+        validate_values(parsed)
+    except ArgumentError as error:
+        flags = {item.split("=", 1)[0].lstrip("-").replace("-", "_") for item in argv if item.startswith("--")}
+        if recipe_path and error.field_name in recipe_argv_fields(recipe_argv) and error.field_name not in flags:
+            raise ArgumentError(f"{recipe_path}: {error}", error.field_name) from None
+        raise
+    return tuple(parsed)
+
+
+def recipe_argv_fields(recipe_argv: list[str]) -> set[str]:
+    return {item[2:] for item in recipe_argv if item.startswith("--")}
+
+
+def _unknown_flags_message(remaining: list[str], parser) -> str:
+    flag = next((item for item in remaining if item.startswith("-")), None)
+    if flag is None:
+        return f"unexpected value {remaining[0]!r} (a flag takes one value unless its help says several)"
+    name = flag.split("=", 1)[0]
+    options = [option for action in parser._actions for option in action.option_strings if "-" not in option[2:]]
+    close = difflib.get_close_matches(name.replace("-", "_"), options, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; --help-all lists every flag"
+    return f"unknown flag {name}{hint}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Values
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _at_least_zero(value) -> bool:
+    return value >= 0
+
+
+def _unit_interval(value) -> bool:
+    return 0 <= value < 1
+
+
+# field -> (check, what is allowed): applied to every parsed dataclass that has the field and a value for it.
+VALUE_RULES = {
+    "learning_rate": (_at_least_zero, ">= 0"),
+    "weight_decay": (_at_least_zero, ">= 0"),
+    "adam_beta1": (_unit_interval, "in [0, 1)"),
+    "adam_beta2": (_unit_interval, "in [0, 1)"),
+    "adam_epsilon": (_at_least_zero, ">= 0"),
+    "max_grad_norm": (_at_least_zero, ">= 0 (0 disables clipping)"),
+    "label_smoothing_factor": (_unit_interval, "in [0, 1)"),
+    "per_device_train_batch_size": (_positive, ">= 1"),
+    "per_device_eval_batch_size": (_positive, ">= 1"),
+    "gradient_accumulation_steps": (_positive, ">= 1"),
+    "max_steps": (lambda value: value > 0 or value == -1, "> 0, or -1 to train num_train_epochs"),
+    "save_total_limit": (_at_least_zero, ">= 0"),
+    "dataloader_num_workers": (_at_least_zero, ">= 0"),
+    "max_train_samples": (_positive, ">= 1"),
+    "max_eval_samples": (_positive, ">= 1"),
+    "tokenizer_vocab_size": (lambda value: value >= 259, ">= 259 (the 256 bytes and 3 special tokens)"),
+    "vocab_size": (lambda value: value >= 259, ">= 259 (the 256 bytes and 3 special tokens)"),
+    "min_frequency": (_positive, ">= 1"),
+    "batch_size": (_positive, ">= 1"),
+    "num_samples": (_at_least_zero, ">= 0"),
+    "max_new_tokens": (_positive, ">= 1"),
+}
+
+
+def validate_values(parsed) -> None:
+    """Range checks that `TrainingArguments` and our dataclasses do not make themselves (a negative learning
+    rate would otherwise fail only when the optimizer is built, after the data and model are loaded)."""
+    for arguments in parsed:
+        for name, (check, allowed) in VALUE_RULES.items():
+            value = getattr(arguments, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not check(value):
+                raise ArgumentError(f"{name} must be {allowed}, got {value}", name)
+        if getattr(arguments, "max_steps", 1) == -1 and getattr(arguments, "num_train_epochs", 1) <= 0:
+            raise ArgumentError(f"num_train_epochs must be > 0 when max_steps is not set, got {arguments.num_train_epochs}",
+                                "num_train_epochs")
+        for name in ("save_steps", "eval_steps"):
+            strategy = getattr(arguments, name.replace("_steps", "_strategy"), None)
+            value = getattr(arguments, name, None)
+            if getattr(strategy, "value", strategy) == "steps" and value is not None and value <= 0:
+                raise ArgumentError(f"{name} must be > 0 with {name.replace('_steps', '_strategy')}=steps, got {value}",
+                                    name)
+        for name in ("config_overrides", "dynamic_lora"):
+            if isinstance(getattr(arguments, name, None), str):
+                try:
+                    json_mapping(getattr(arguments, name), name)
+                except ArgumentError as error:
+                    raise ArgumentError(str(error), name) from None
 
 
 def json_mapping(value, name: str) -> dict:
     """A JSON object given as a string (CLI) or already a dict."""
     if value is None:
         return {}
-    mapping = json.loads(value) if isinstance(value, str) else value
+    try:
+        mapping = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise ArgumentError(f"{name} must be a JSON object (a mapping in YAML): {error} in {value!r}") from None
     if not isinstance(mapping, dict):
-        raise ValueError(f"{name} must be a JSON object (a mapping), got {mapping!r}")
+        raise ArgumentError(f"{name} must be a JSON object (a mapping in YAML), got {mapping!r}")
     return mapping

@@ -1,19 +1,18 @@
-"""`reso-hf train | sft | eval | train-tokenizer`.
+"""The recipe commands of `reso-hf`: train, sft, eval, train-tokenizer.
 
-`train` and `sft` take an optional YAML recipe first, then any field as a flag (flags win):
+Each takes an optional YAML recipe first, then any field as a flag (flags win):
 
     reso-hf train recipes/reso_llm/pretrain_sample.yaml --max_steps 20
     reso-hf sft recipes/dynamic_lora/sft_guanaco.yaml --base_model HuggingFaceTB/SmolLM2-135M-Instruct
     reso-hf eval --model outputs/pretrain_sample/model --data held_out.jsonl
     reso-hf train-tokenizer --vocab_size 4096 --output_dir outputs/tokenizer --use_bundled_sample true
 
-`--help` after a subcommand lists every field. The flags are parsed by HfArgumentParser, so the
-subcommands hand their arguments over untouched (`prefix_chars="+"` keeps argparse off them).
+The flags are parsed by HfArgumentParser (`reso_hf.training.arguments`); the launcher (`reso_hf_cli`) hands
+them over untouched and prints the short help of each command itself; `--help-all` lists every field.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 
@@ -30,22 +29,22 @@ def split_recipe_argument(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def _train(args) -> int:
+def _train(argv: list[str]) -> int:
     from .pretrain import main
 
-    return main(*split_recipe_argument(args.args))
+    return main(*split_recipe_argument(argv))
 
 
-def _sft(args) -> int:
+def _sft(argv: list[str]) -> int:
     from .sft import main
 
-    return main(*split_recipe_argument(args.args))
+    return main(*split_recipe_argument(argv))
 
 
-def _eval(args) -> int:
+def _eval(argv: list[str]) -> int:
     from .evaluate import main
 
-    return main(*split_recipe_argument(args.args))
+    return main(*split_recipe_argument(argv))
 
 
 @dataclass
@@ -55,13 +54,19 @@ class TokenizerArguments:
     min_frequency: int = field(default=2, metadata={"help": "Minimum pair frequency for a merge."})
 
 
-def _train_tokenizer(args) -> int:
+def _tokenizer_argument_types() -> tuple:
+    from .arguments import DataArguments
+
+    return (TokenizerArguments, DataArguments)
+
+
+def _train_tokenizer(argv: list[str]) -> int:
     from ..modeling.tokenization_reso_llm import train_tokenizer
-    from .arguments import DataArguments, parse_recipe
+    from .arguments import parse_recipe
     from .data import load_raw_splits
 
-    recipe, rest = split_recipe_argument(args.args)
-    tokenizer_args, data_args = parse_recipe((TokenizerArguments, DataArguments), recipe, rest)
+    recipe, rest = split_recipe_argument(argv)
+    tokenizer_args, data_args = parse_recipe(_tokenizer_argument_types(), recipe, rest)
     train, _ = load_raw_splits(data_args)
     texts = (row[data_args.text_field] for row in train if isinstance(row[data_args.text_field], str))
     tokenizer = train_tokenizer(texts, tokenizer_args.vocab_size, min_frequency=tokenizer_args.min_frequency)
@@ -70,16 +75,26 @@ def _train_tokenizer(args) -> int:
     return 0
 
 
-COMMANDS = {
-    "train": (_train, "Pretrain a ResoLLM from scratch (YAML recipe + flags)."),
-    "sft": (_sft, "DynamicLoRA supervised fine-tuning of any causal LM (YAML recipe + flags)."),
-    "eval": (_eval, "Held-out loss, perplexity and generation samples; writes eval_results.json."),
-    "train-tokenizer": (_train_tokenizer, "Train a byte-level BPE ResoTokenizer on guanaco-format data."),
-}
+def _argument_types(name: str) -> tuple:
+    from . import evaluate, pretrain, sft
+
+    return {"train": pretrain.ARGUMENT_TYPES, "sft": sft.ARGUMENT_TYPES, "eval": evaluate.ARGUMENT_TYPES,
+            "train-tokenizer": _tokenizer_argument_types()}[name]
 
 
-def add_parser(subparsers) -> None:
-    for name, (func, help_text) in COMMANDS.items():
-        parser = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False, prefix_chars="+")
-        parser.add_argument("args", nargs="*", help="[RECIPE.yaml] --field value ... (--help lists the fields)")
-        parser.set_defaults(func=func)
+COMMANDS = {"train": _train, "sft": _sft, "eval": _eval, "train-tokenizer": _train_tokenizer}
+
+
+def run(name: str, argv: list[str]) -> int:
+    """Run the recipe command `name` on its arguments; returns the exit code."""
+    return int(COMMANDS[name](list(argv)) or 0)
+
+
+def full_help(name: str) -> str:
+    """The help of every field of command `name` (`reso-hf NAME --help-all`)."""
+    from .arguments import full_help as dataclass_help
+
+    text = dataclass_help(_argument_types(name), prog=f"reso-hf {name}")
+    if name == "eval":
+        text += "\n  --data FILE [FILE ...]\n                        Evaluate on every row of these local files.\n"
+    return text

@@ -12,11 +12,18 @@ Data flow, one function per step:
                          first token of each document is never a target.
 
 `build_datasets` chains them for Trainer, in memory or streaming.
+
+A local file that cannot be used (empty, a line that is not JSON or not UTF-8, no text column, too few rows to
+hold out an eval split) is a `DataFileError` naming the file, the line and the problem. Every row keeps its
+position in its source (`source_row`), so that a malformed row is reported by file and line.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
+import math
 import os
 import re
 import socket
@@ -31,7 +38,10 @@ from datasets import Dataset, IterableDataset, load_dataset
 
 from ..modeling.tokenization_reso_llm import GUANACO_CHAT_TEMPLATE
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+SOURCE_ROW = "source_row"  # the row's position in its split's files (or Hub split), kept through shuffling
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 _MARKER = re.compile(r"(### Human:|### Assistant:)")
 CHAT_TEMPLATE_CHOICES = ("auto", "model", "guanaco")
@@ -42,8 +52,12 @@ class MalformedRowError(ValueError):
     """A row that is not a guanaco conversation (the message says why)."""
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(OSError):
     """The data could not be loaded; the message says how to pass local files."""
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used; the message names the file, the line (when there is one) and why."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,6 +166,14 @@ def tokenize_messages(tokenizer, messages: list[dict], template: str, assistant_
     return ids, labels
 
 
+def check_vocabulary(tokenizer, model, where: str) -> None:
+    """Every token id must index the model's embedding (else training fails deep inside the embedding lookup)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows; use the tokenizer the model was trained with")
+
+
 def _overlaps(offset, span) -> bool:
     start, end = offset
     if start == end:  # zero-width offsets (trimmed whitespace): inside if the position is
@@ -251,17 +273,25 @@ def _check_hub_reachable(dataset_name: str) -> None:
         ) from error
 
 
+def local_files(data_args) -> dict | None:
+    """{"train": [...], "eval": [...]} of the local files the arguments name, or None for a Hub/folder dataset."""
+    if not (data_args.use_bundled_sample or data_args.data_files):
+        return None
+    files = {"train": [bundled_sample_path()] if data_args.use_bundled_sample else list(data_args.data_files)}
+    if data_args.eval_data_files:
+        files["eval"] = list(data_args.eval_data_files)
+    return files
+
+
 def load_raw_splits(data_args) -> tuple:
-    """(train, eval or None) with at least the text column, from the source the arguments name."""
+    """(train, eval or None) with at least the text column and `source_row`, from the source the arguments name."""
     streaming = data_args.streaming
-    if data_args.use_bundled_sample or data_args.data_files:
-        files = [bundled_sample_path()] if data_args.use_bundled_sample else list(data_args.data_files)
-        data_files = {"train": files}
-        if data_args.eval_data_files:
-            data_files["eval"] = list(data_args.eval_data_files)
-        builder = _builder_for([f for split in data_files.values() for f in split])
-        raw = load_dataset(builder, data_files=data_files, streaming=streaming)
-        train, evaluation = raw["train"], raw.get("eval")
+    files = local_files(data_args)
+    if files is not None:
+        builder = _builder_for([f for split in files.values() for f in split])
+        splits = {name: _load_local_split(builder, paths, data_args.text_field, streaming)
+                  for name, paths in files.items()}
+        train, evaluation = splits["train"], splits.get("eval")
     else:
         if not os.path.isdir(data_args.dataset_name):
             _check_hub_reachable(data_args.dataset_name)
@@ -273,9 +303,145 @@ def load_raw_splits(data_args) -> tuple:
             ) from error
         if data_args.train_split not in raw:
             raise ValueError(f"train_split {data_args.train_split!r} not in the dataset; allowed: {list(raw)}")
-        train = raw[data_args.train_split]
+        source = f"dataset {data_args.dataset_name!r}"
+        train = _with_source_rows(_require_text_column(raw[data_args.train_split], data_args.text_field, source))
         evaluation = raw[data_args.eval_split] if data_args.eval_split and data_args.eval_split in raw else None
+        if evaluation is not None:
+            evaluation = _with_source_rows(_require_text_column(evaluation, data_args.text_field, source))
     return _hold_out(train, evaluation, data_args)
+
+
+def _load_local_split(builder: str, paths: list[str], text_field: str, streaming: bool):
+    for path in paths:
+        if _is_blank(path):
+            raise DataFileError(f"{path}: the file is empty (no rows)")
+        if builder == "json" and not _is_utf8(path):  # pyarrow's JSON reader keeps invalid bytes until a row is read
+            raise DataFileError(_describe_json_problem(path) or f"{path}: not UTF-8 text; save the file as UTF-8")
+    try:
+        dataset = load_dataset(builder, data_files={"train": paths}, streaming=streaming)["train"]
+    except Exception as error:  # datasets wraps every parse problem in a message with no file or line
+        problem = next((p for p in (describe_file_problem(path, builder) for path in paths) if p), None)
+        if problem is None:
+            raise
+        raise DataFileError(problem) from error
+    source = paths[0] if len(paths) == 1 else f"data files {paths}"
+    dataset = _require_text_column(dataset, text_field, source)
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise DataFileError(f"{source}: no rows")
+    return _with_source_rows(dataset)
+
+
+def _is_blank(path: str) -> bool:
+    if os.path.getsize(path) == 0:
+        return True
+    if DATA_FILE_BUILDERS.get(Path(path).suffix.lower()) != "json" or os.path.getsize(path) > 1 << 20:
+        return False
+    with open(path, "rb") as handle:
+        return not handle.read().strip()
+
+
+def _is_utf8(path: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def describe_file_problem(path: str, builder: str) -> str | None:
+    """The first problem of a data file as "PATH line N: problem" (None when none is found)."""
+    if builder == "json":
+        return _describe_json_problem(path)
+    try:
+        import pyarrow.parquet as parquet
+
+        if builder == "parquet":
+            parquet.read_metadata(path)
+        else:
+            import pyarrow as arrow
+
+            with open(path, "rb") as handle:
+                arrow.ipc.open_stream(handle).read_all()
+    except Exception as error:  # pyarrow's errors are many types; the message is what we report
+        return f"{path}: not a readable {builder} file ({error})"
+    return None
+
+
+def _describe_json_problem(path: str) -> str | None:
+    with open(path, "rb") as handle:
+        content = handle.read()
+    if path.lower().endswith(".json") and content.lstrip()[:1] in (b"[", b"{"):
+        try:
+            json.loads(content.decode("utf-8"))
+            return None  # one JSON document: fine as a whole
+        except UnicodeDecodeError:
+            pass  # located line by line below
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # "Extra data": JSON Lines in a .json file, checked line by line
+                return f"{path} line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
+    for number, raw in enumerate(content.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return (f"{path} line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                    f"{error.start + 1}); save the file as UTF-8")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"{path} line {number}: not valid JSON: {error.msg} (column {error.colno})"
+        if not isinstance(row, dict):
+            return f"{path} line {number}: a row must be a JSON object like {{\"text\": ...}}, got {type(row).__name__}"
+    return None
+
+
+def _require_text_column(dataset, text_field: str, source: str):
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise DataFileError(f"{source}: no {text_field!r} column (columns: {columns}); name the column that holds "
+                            f"the '### Human: ...### Assistant: ...' text with --text_field")
+    return dataset
+
+
+def _with_source_rows(dataset):
+    if isinstance(dataset, Dataset):
+        return dataset.add_column(SOURCE_ROW, list(range(len(dataset))))
+    return dataset.map(lambda row, index: {SOURCE_ROW: index}, with_indices=True)
+
+
+def locate_source_row(data_args, split_name: str, row: int) -> str:
+    """Where row `row` (its `source_row`) of a split comes from: "FILE line N" for jsonl files, "FILE row N"
+    for the other formats, "SPLIT row N of dataset NAME" for a Hub or folder dataset."""
+    files = local_files(data_args)
+    if files is None:
+        split = data_args.train_split if split_name == "train" else data_args.eval_split
+        return f"{split} row {row + 1} of dataset {data_args.dataset_name!r}"
+    paths = files["eval"] if split_name == "eval" and "eval" in files else files["train"]
+    remaining = row
+    for path in paths:
+        if Path(path).suffix.lower() == ".jsonl":
+            with open(path, "rb") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        if remaining == 0:
+                            return f"{path} line {number}"
+                        remaining -= 1
+            continue
+        count = _row_count(path)
+        if remaining < count:
+            return f"{path} row {remaining + 1}"
+        remaining -= count
+    return f"row {row + 1} of {paths}"
+
+
+def _row_count(path: str) -> int:
+    builder = DATA_FILE_BUILDERS[Path(path).suffix.lower()]
+    return len(load_dataset(builder, data_files={"train": [path]})["train"])
 
 
 def _hold_out(train, evaluation, data_args):
@@ -287,7 +453,12 @@ def _hold_out(train, evaluation, data_args):
             raise ValueError("streaming without an eval split needs max_eval_samples (rows taken from the "
                              "start of train for evaluation) or eval_fraction=0")
         return train.skip(data_args.max_eval_samples), train.take(data_args.max_eval_samples)
-    parts = train.train_test_split(test_size=data_args.eval_fraction, seed=data_args.split_seed)
+    rows, fraction = len(train), data_args.eval_fraction
+    if math.ceil(fraction * rows) < 1 or math.floor((1 - fraction) * rows) < 1:  # datasets' own split sizes
+        raise DataFileError(
+            f"{data_args.source()}: {rows} row(s) are too few to hold out eval_fraction={fraction} of them for "
+            f"evaluation; give more rows, an eval split (--eval_data_files), or --eval_fraction 0")
+    parts = train.train_test_split(test_size=fraction, seed=data_args.split_seed)
     return parts["train"], parts["test"]
 
 
@@ -316,24 +487,38 @@ def _parsed(split_name, dataset, data_args, stats: DataStats):
         dataset = dataset.take(limit)
     dataset = dataset.map(_parse_batch, batched=True, fn_kwargs={"text_field": data_args.text_field})
     if isinstance(dataset, Dataset):
-        reasons = [r for r in dataset["malformed"] if r]
+        malformed = dataset["malformed"]
+        reasons = [r for r in malformed if r]
         stats.rows[split_name] = len(dataset)
         stats.malformed[split_name] = dict(Counter(reasons))
         if reasons and data_args.strict:
-            first = dataset["malformed"].index(reasons[0])
-            raise MalformedRowError(f"{split_name} row {first} is malformed: {reasons[0]} "
-                                    f"({len(reasons)} malformed rows; strict=false skips and counts them)")
+            first_row, first_reason = min((row, reason) for row, reason in zip(dataset[SOURCE_ROW], malformed)
+                                          if reason)
+            raise MalformedRowError(f"{locate_source_row(data_args, split_name, first_row)}: not a guanaco "
+                                    f"conversation: {first_reason} ({len(reasons)} such rows in the {split_name} "
+                                    f"split; strict=false skips and counts them)")
+        if reasons:
+            logger.warning("%s", skipped_rows_message(split_name, len(dataset), stats.malformed[split_name]))
     else:
         counter = stats.malformed.setdefault(split_name, {})
         stats.rows[split_name] = None
         dataset = dataset.filter(_count_streaming, fn_kwargs={"counter": counter, "strict": data_args.strict,
-                                                              "split": split_name}, input_columns="malformed")
+                                                              "split": split_name, "data_args": data_args},
+                                 input_columns=["malformed", SOURCE_ROW])
     return dataset.filter(lambda reason: not reason, input_columns="malformed")
 
 
-def _count_streaming(reason, counter, strict, split):
+def skipped_rows_message(split_name: str, rows: int, reasons: dict) -> str:
+    listed = "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items(), key=lambda item: -item[1])[:3])
+    more = f"; {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+    return (f"{split_name}: skipped {sum(reasons.values())} of {rows} rows that are not guanaco conversations "
+            f"({listed}{more}); --strict true stops at the first one and names its line")
+
+
+def _count_streaming(reason, row, counter, strict, split, data_args):
     if reason and strict:
-        raise MalformedRowError(f"{split}: malformed row: {reason} (strict=false skips and counts them)")
+        raise MalformedRowError(f"{locate_source_row(data_args, split, row)}: not a guanaco conversation: {reason} "
+                                f"(strict=false skips and counts them)")
     if reason:
         counter[reason] = counter.get(reason, 0) + 1
     return True
@@ -342,7 +527,7 @@ def _count_streaming(reason, counter, strict, split):
 def build_datasets(data_args, tokenizer, assistant_only: bool | None = None):
     """(train, eval or None, DataStats): token blocks ready for Trainer and `default_data_collator`
     (packing) or a padding collator (no packing)."""
-    assistant_only = data_args.assistant_only_loss if assistant_only is None else assistant_only
+    assistant_only = data_args.loss_on_assistant_only() if assistant_only is None else assistant_only
     template = resolve_chat_template(tokenizer, data_args.chat_template)
     stats = DataStats()
     train, evaluation = load_raw_splits(data_args)
@@ -360,7 +545,9 @@ def build_datasets(data_args, tokenizer, assistant_only: bool | None = None):
         if isinstance(tokenized, Dataset):
             stats.examples[name] = len(tokenized)
             if len(tokenized) == 0:
-                raise ValueError(f"the {name} split has no usable rows after parsing ({stats.to_dict()})")
+                raise DataFileError(f"{data_args.source()}: the {name} split has no usable rows (of "
+                                    f"{stats.rows.get(name)} rows, none is a guanaco conversation: "
+                                    f"{stats.malformed.get(name)})")
         result.append(tokenized)
     return result[0], result[1], stats
 

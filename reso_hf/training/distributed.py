@@ -15,6 +15,8 @@ Gaps between accelerate + Trainer and what these commands need, closed by `Atomi
   `save_pretrained` of a remote-code model copies the file defining the model's class into the folder and
   names it in `auto_map`: the folder got torch's FSDP sources and `"_fsdp_init.FSDPResoLLMForCausalLM"`, so
   `trust_remote_code` loading failed. `original_class(model)` saves under the model's own class.
+- DynamicLoRA's dynamics state is saved on the main process only and encoded against the adapter's factors,
+  which FSDP shards: `whole_adapter_factors` gathers them on every rank around the save.
 - A state dict gathered from shards (FSDP, DeepSpeed) holds tied weights as separate tensors, which
   `save_pretrained` only recognises as tied by their shared storage: `model.safetensors` got a second copy of
   the embedding as `lm_head.weight`. `without_tied_copies` drops it, as a one-process save does.
@@ -23,12 +25,14 @@ Gaps between accelerate + Trainer and what these commands need, closed by `Atomi
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp import FSDPModule
+
+from ..dynamic_lora.model import DynamicLoraModel
 
 
 @contextmanager
@@ -75,3 +79,9 @@ def without_tied_copies(model, state_dict: dict) -> dict:
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     return {key: value for key, value in state_dict.items()
             if not (key in tied and tied[key] in state_dict and torch.equal(value, state_dict[tied[key]]))}
+
+
+def whole_adapter_factors(model):
+    """`DynamicLoraModel.gathered_factors()` of a PEFT model with a DynamicLoRA adapter; no-op for other models."""
+    tuner = getattr(model, "base_model", None)
+    return tuner.gathered_factors() if isinstance(tuner, DynamicLoraModel) else nullcontext()

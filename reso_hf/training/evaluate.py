@@ -7,7 +7,10 @@ when the model returns it). Writes `eval_results.json` (atomically).
     schema      "reso-hf/eval_results/v1"
     created_at  ISO-8601 UTC time
     model       the evaluated folder or Hub id
-    dataset     {"source", "id" (Hub dataset id or null), "split", "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss"}
+    dataset     {"name" (Hub id, file names or the bundled sample; never a path), "source", "id" (Hub dataset id or
+                 null), "split" ("test" for --data and eval_data_files, the Hub eval_split, or the rows held out
+                 of train), "rows", "malformed_rows", "block_size", "packing", "assistant_only_loss" (default: how
+                 the model was trained, from its run_summary.json), "assistant_only_loss_from"}
     metrics     [{"type": "loss" | "perplexity", "name": ..., "value": ...}]   (model-index style)
     loss, perplexity, tokens              (the same numbers, flat)
     stability   output of the local `stability` metric over the samples (ResoLLM only, else null)
@@ -16,19 +19,34 @@ when the model returns it). Writes `eval_results.json` (atomically).
 
 from __future__ import annotations
 
+import json
 import os
 
 import evaluate as hf_evaluate
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import default_data_collator
 
+from ..loading import load_causal_lm, load_tokenizer, resolve_model_source
 from ..metrics import metric_path
-from .arguments import DataArguments, EvalArguments, parse_recipe
-from .data import IGNORE_INDEX, build_datasets, load_raw_splits, parse_guanaco, resolve_chat_template
+from .arguments import (
+    DEFAULT_ASSISTANT_ONLY_LOSS,
+    DataArguments,
+    EvalArguments,
+    parse_recipe,
+)
+from .data import (
+    IGNORE_INDEX,
+    build_datasets,
+    check_vocabulary,
+    load_raw_splits,
+    parse_guanaco,
+    resolve_chat_template,
+)
 from ..hub import write_card
-from .reporting import utc_now, write_json
+from .reporting import RUN_SUMMARY_NAME, utc_now, write_json
 
+ARGUMENT_TYPES = (EvalArguments, DataArguments)
 EVAL_RESULTS_NAME = "eval_results.json"
 EVAL_RESULTS_SCHEMA = "reso-hf/eval_results/v1"
 
@@ -76,20 +94,56 @@ def stability_statistics(samples: list[dict]) -> dict | None:
     return metric.compute(stability=[s["stability"] for s in samples], lyapunov=[s["lyapunov"] for s in samples])
 
 
-def evaluation_split(data_args: DataArguments, data: list[str] | None):
-    """With --data: every row of those files. Without: the eval split of the data arguments."""
+def evaluation_split(data_args: DataArguments, data: list[str] | None) -> tuple[str, str, str]:
+    """(the split of `build_datasets` to evaluate, its dataset name and its split name as recorded).
+
+    With --data: every row of those files, recorded as their `test` split (held-out data given for evaluation).
+    Without: the eval split of the data arguments: the Hub dataset's eval_split, `test` for eval_data_files, or
+    the rows held out of train (eval_fraction, split_seed)."""
     if data:
-        data_args.data_files, data_args.use_bundled_sample, data_args.eval_fraction = list(data), False, 0.0
-        return "train"  # the files as a whole
-    return "eval"
+        data_args.data_files, data_args.eval_data_files = list(data), None
+        data_args.use_bundled_sample, data_args.eval_fraction = False, 0.0
+        return "train", data_args.display_name(), "test"  # build_datasets calls the whole files "train"
+    if data_args.eval_data_files:
+        return "eval", ", ".join(os.path.basename(path) for path in data_args.eval_data_files), "test"
+    if not (data_args.use_bundled_sample or data_args.data_files) and data_args.eval_split:
+        return "eval", data_args.display_name(), data_args.eval_split
+    return "eval", data_args.display_name(), (f"train, held-out {data_args.eval_fraction:g} "
+                                              f"(split_seed {data_args.split_seed})")
+
+
+def trained_assistant_only_loss(model: str) -> bool | None:
+    """How the model in folder `model` was trained (its run_summary.json), or None when not recorded."""
+    path = os.path.join(model, RUN_SUMMARY_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        value = json.load(handle).get("data", {}).get("assistant_only_loss")
+    return value if isinstance(value, bool) else None
+
+
+def resolve_loss_tokens(eval_args: EvalArguments, data_args: DataArguments) -> str:
+    """Set `data_args.assistant_only_loss` when it was not given, and say where its value comes from: the
+    model's own training (run_summary.json), else the default (assistant tokens only)."""
+    if data_args.assistant_only_loss is not None:
+        return "--assistant_only_loss"
+    trained = trained_assistant_only_loss(eval_args.model)
+    if trained is not None:
+        data_args.assistant_only_loss = trained
+        return f"as the model was trained ({RUN_SUMMARY_NAME})"
+    data_args.assistant_only_loss = DEFAULT_ASSISTANT_ONLY_LOSS
+    return f"default: the model folder has no {RUN_SUMMARY_NAME}"
 
 
 def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | None = None) -> dict:
     if not eval_args.model:
         raise ValueError("--model is required (a model folder or Hub id)")
-    split = evaluation_split(data_args, data)
-    tokenizer = AutoTokenizer.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(eval_args.model, trust_remote_code=eval_args.trust_remote_code)
+    split, dataset_name, split_name = evaluation_split(data_args, data)
+    source = resolve_model_source(eval_args.model, field="--model")  # a bad path fails before anything loads
+    loss_tokens_from = resolve_loss_tokens(eval_args, data_args)
+    tokenizer = load_tokenizer(source, trust_remote_code=eval_args.trust_remote_code)
+    model = load_causal_lm(source, trust_remote_code=eval_args.trust_remote_code)
+    check_vocabulary(tokenizer, model, eval_args.model)
     train, evaluation, stats = build_datasets(data_args, tokenizer)
     dataset = train if split == "train" else evaluation
     if dataset is None:
@@ -110,9 +164,11 @@ def run(eval_args: EvalArguments, data_args: DataArguments, data: list[str] | No
         "schema": EVAL_RESULTS_SCHEMA,
         "created_at": utc_now(),
         "model": eval_args.model,
-        "dataset": {"source": data_args.source(), "id": data_args.hub_dataset_id(), "split": split, "rows": summary["rows"].get(split),
+        "dataset": {"name": dataset_name, "source": data_args.source(), "id": data_args.hub_dataset_id(),
+                    "split": split_name, "rows": summary["rows"].get(split),
                     "malformed_rows": summary["malformed_rows"].get(split), "block_size": data_args.block_size,
-                    "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss},
+                    "packing": data_args.packing, "assistant_only_loss": data_args.assistant_only_loss,
+                    "assistant_only_loss_from": loss_tokens_from},
         "metrics": [{"type": "loss", "name": "held-out loss (nats/token)", "value": scores["loss"]},
                     {"type": "perplexity", "name": "held-out perplexity", "value": scores["perplexity"]}],
         **scores,
@@ -145,9 +201,12 @@ def main(recipe: str | None, argv: list[str]) -> int:
         data, argv = argv[index + 1: end], argv[:index] + argv[end:]
         if not data:
             raise ValueError("--data needs at least one file (jsonl, parquet or arrow)")
-    eval_args, data_args = parse_recipe((EvalArguments, DataArguments), recipe, argv)
+    eval_args, data_args = parse_recipe(ARGUMENT_TYPES, recipe, argv)
     results = run(eval_args, data_args, data)
-    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens)")
+    dataset = results["dataset"]
+    scored = "assistant tokens only" if dataset["assistant_only_loss"] else "every token"
+    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.2f}  ({results['tokens']} tokens; loss on "
+          f"{scored}, {dataset['assistant_only_loss_from']}; {dataset['name']}, split {dataset['split']})")
     for sample in results["samples"]:
         print(f"### Human: {sample['prompt']}\n### Assistant: {sample['completion']}\n")
     return 0

@@ -4,8 +4,9 @@
     python -m reso_hf.train --recipe recipes/reso_llm/pretrain_guanaco.yaml
     accelerate launch -m reso_hf.train --recipe ...
 
-Writes to `output_dir`: `checkpoint-N/` (atomic), `model/` (the Hub-ready folder), `loss_curves.png`
-and `run_summary.json`. `--resume` continues exactly from the last complete checkpoint.
+Writes to `output_dir`: `checkpoint-N/` (atomic), `model/` (the Hub-ready folder), `loss_curves.png`,
+`run_summary.json` and `run_fingerprint.json`. `--resume` continues exactly from the last complete checkpoint;
+a folder holding another run is refused unless `--resume` or `--overwrite_output_dir` (see `run_folder`).
 """
 
 from __future__ import annotations
@@ -21,29 +22,19 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import modeling
 from ..modeling.tokenization_reso_llm import create_default_tokenizer, train_tokenizer
-from .arguments import DataArguments, PretrainArguments, json_mapping, parse_recipe
+from .arguments import ArgumentError, DataArguments, PretrainArguments, json_mapping, parse_recipe
 from .data import build_datasets, load_raw_splits
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
-from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
+from .run_folder import prepare_output_dir
+from .trainer import AtomicCheckpointTrainer, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 ARGUMENT_TYPES = (PretrainArguments, DataArguments, TrainingArguments)
 MAX_TOKENIZER_TEXTS = 100_000
-
-
-def resume_checkpoint(output_dir: str, resume: bool) -> str | None:
-    """The last complete checkpoint when resuming; an error when asked to resume from nothing."""
-    if not resume:
-        return None
-    checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-N folder in output_dir {output_dir!r}")
-    return checkpoint
 
 
 def build_tokenizer(model_args: PretrainArguments, data_args: DataArguments, checkpoint: str | None):
@@ -64,6 +55,9 @@ def build_model(model_args: PretrainArguments, tokenizer, block_size: int):
     settings = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     settings.update(json_mapping(model_args.config_overrides, "config_overrides"))
+    if settings["vocab_size"] < len(tokenizer):
+        raise ArgumentError(f"config_overrides: vocab_size {settings['vocab_size']} is smaller than the tokenizer's "
+                            f"{len(tokenizer)} tokens; leave vocab_size out (it is taken from the tokenizer)")
     config = preset(**settings)
     if config.max_position_embeddings < block_size:
         raise ValueError(f"block_size {block_size} exceeds the model's max_position_embeddings "
@@ -74,9 +68,11 @@ def build_model(model_args: PretrainArguments, tokenizer, block_size: int):
 def run(model_args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
-    checkpoint = resume_checkpoint(training_args.output_dir, model_args.resume)
-    if training_args.process_index == 0:
-        clean_staging(training_args.output_dir)
+    plan = prepare_output_dir("pretrain", (model_args, data_args, training_args), data_args, training_args,
+                              resume=model_args.resume, overwrite=model_args.overwrite_output_dir)
+    if plan.finished_summary is not None:
+        return plan.finished_summary
+    checkpoint = plan.checkpoint
     tokenizer = build_tokenizer(model_args, data_args, checkpoint)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     set_seed(training_args.seed)

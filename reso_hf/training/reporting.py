@@ -9,8 +9,10 @@
     data          {"source", "dataset_id" (Hub id or null), "block_size", "packing", "assistant_only_loss", "chat_template",
                    "rows": {split: n}, "malformed_rows": {split: n}, "malformed_reasons": {split: {reason: n}},
                    "examples": {split: n}}
-    training      {"global_step", "epoch", "train_loss", "train_runtime_s", "train_tokens", "world_size",
-                   "distributed_type" (accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...), "seed", "learning_rate", "resumed_from" (checkpoint folder or null)}
+    training      {"global_step", "max_steps", "epoch", "train_loss" (mean over every step of the run, resumed
+                   segments included), "train_runtime_s", "train_tokens", "world_size",
+                   "distributed_type" (accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...), "seed", "learning_rate",
+                   "resumed_from" (checkpoint folder or null)}
     eval          {"eval_loss", "perplexity"} (empty when there is no eval split)
     dynamic_lora  {"health": ...} (sft only)
     artifacts     {"model_dir", "loss_plot", "checkpoints": [...]}
@@ -25,11 +27,12 @@ import math
 import os
 from datetime import datetime, timezone
 
-from ..dynamic_lora.serialization import atomic_write_text
+from ..dynamic_lora.serialization import atomic_write_bytes, atomic_write_text
 
 RUN_SUMMARY_NAME = "run_summary.json"
 RUN_SUMMARY_SCHEMA = "reso-hf/run_summary/v1"
 LOSS_PLOT_NAME = "loss_curves.png"
+DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"  # sft only
 
 
 def versions() -> dict:
@@ -85,16 +88,7 @@ def write_loss_plot(log_history: list[dict], path: str, title: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def write_bytes_atomic(path: str, payload: bytes) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run_summary(kind: str, trainer, train_result, eval_metrics: dict, data_args, data_stats, model_info: dict,
@@ -108,9 +102,9 @@ def run_summary(kind: str, trainer, train_result, eval_metrics: dict, data_args,
         "created_at": utc_now(),
         "model": model_info,
         "data": {"source": data_args.source(), "dataset_id": data_args.hub_dataset_id(), "block_size": data_args.block_size, "packing": data_args.packing,
-                 "assistant_only_loss": data_args.assistant_only_loss, "chat_template": data_args.chat_template,
+                 "assistant_only_loss": data_args.loss_on_assistant_only(), "chat_template": data_args.chat_template,
                  **data_stats.to_dict()},
-        "training": {"global_step": state.global_step, "epoch": state.epoch,
+        "training": {"global_step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
                      "train_loss": train_result.training_loss,
                      "train_runtime_s": train_result.metrics.get("train_runtime"),
                      "train_tokens": state.num_input_tokens_seen or None,

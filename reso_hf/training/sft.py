@@ -25,16 +25,17 @@ from transformers import (
 )
 
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
+from ..dynamic_lora.serialization import atomic_write_bytes
 from ..loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_source
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
-from .data import build_datasets
-from .pretrain import resume_checkpoint
+from .data import build_datasets, check_vocabulary
 from ..hub import write_card
-from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_bytes_atomic, write_json, write_loss_plot
-from .trainer import AtomicCheckpointTrainer, clean_staging, train_and_evaluate
+from .reporting import DYNAMICS_PLOT_NAME, LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
+from .run_folder import prepare_output_dir
+from .distributed import whole_adapter_factors
+from .trainer import AtomicCheckpointTrainer, train_and_evaluate
 
 ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
-DYNAMICS_PLOT_NAME = "dynamic_lora_dynamics.png"
 DEFAULT_DYNAMIC_LORA = {"target_modules": "all-linear"}
 
 
@@ -61,8 +62,11 @@ def dynamic_lora_config(sft_args: SftArguments) -> DynamicLoraConfig:
 
 
 def dynamics_digest(model) -> str:
-    """blake2b of the full dynamics state (tensors + JSON): equal on every rank when the state agrees."""
-    tensors, payload = find_dynamic_lora_tuner(model).dynamics().state_dict()
+    """blake2b of the adapter weights and the full dynamics state: equal on every rank when they agree."""
+    tuner = find_dynamic_lora_tuner(model)
+    tensors, payload = tuner.dynamics_state_dict()
+    # the saved state leaves out what the weights determine (anchors, ...), so the weights are hashed too
+    tensors = {**tensors, **{f"weights.{key}": value for key, value in tuner.tier_tensors().items()}}
     digest = hashlib.blake2b(json.dumps(payload, sort_keys=True, default=str).encode(), digest_size=16)
     for name in sorted(tensors):
         digest.update(name.encode())
@@ -71,7 +75,8 @@ def dynamics_digest(model) -> str:
 
 
 def digests_across_ranks(model) -> list[str]:
-    mine = dynamics_digest(model)
+    with whole_adapter_factors(model):  # FSDP shards the factors that the digest hashes
+        mine = dynamics_digest(model)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [mine]
     gathered = [None] * torch.distributed.get_world_size()
@@ -108,29 +113,33 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
     source = base_model_source(sft_args)  # a bad path fails here, before any data is prepared
-    checkpoint = resume_checkpoint(training_args.output_dir, sft_args.resume)
-    if training_args.process_index == 0:
-        clean_staging(training_args.output_dir)
+    plan = prepare_output_dir("sft", (sft_args, data_args, training_args), data_args, training_args,
+                              resume=sft_args.resume, overwrite=sft_args.overwrite_output_dir)
+    if plan.finished_summary is not None:
+        return plan.finished_summary
+    checkpoint = plan.checkpoint
+    lora_config = dynamic_lora_config(sft_args)  # every DynamicLoraConfig value is checked before any loading
     set_seed(training_args.seed)
     base, tokenizer = load_base(source, sft_args)
+    check_vocabulary(tokenizer, base, source.name)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
-    model = get_peft_model(base, dynamic_lora_config(sft_args))
+    model = get_peft_model(base, lora_config)
     tuner = find_dynamic_lora_tuner(model)
-    if checkpoint is not None:
-        tuner.load_dynamics_state(checkpoint)
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
-    DynamicLoraCallback.attach(trainer)  # first, so the reporting integrations see its metrics
+    # first, so the reporting integrations see its metrics; it restores the checkpoint's dynamics state once
+    # Trainer has reloaded the adapter weights
+    DynamicLoraCallback.attach(trainer, resume_from_checkpoint=checkpoint)
     train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     base.config.use_cache = True
     adapter_dir = os.path.join(training_args.output_dir, "adapter")

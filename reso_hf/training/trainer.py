@@ -16,24 +16,39 @@ inside `transformers.trainer_pt_utils.safe_globals()`, which allowlists numpy's 
 arbitrary code). Tests check both. Trainer also
 writes `training_args.bin`, a pickle of the whole `TrainingArguments` object that only loads with
 `weights_only=False` and that resuming never reads: we replace it by `training_args.json`.
+
+Two things Trainer does not do across a resume, added here:
+
+- the mean training loss of the whole run. Trainer's `training_loss` covers the steps of one `train()` call,
+  so a resumed run reported its last segment only. Each checkpoint also gets `run_loss.json` (the sum of the
+  per-step losses up to it), and `train()` returns the mean over every step of the run.
+- stopping at the last step. Resuming from a checkpoint that is already at the run's last step made Trainer
+  run one more step (global step 25 of 24: it checks for the end only after a step). `train()` then restores
+  that checkpoint and returns without training.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
-from ..dynamic_lora.serialization import atomic_write_text
-from .distributed import fsdp_on_cpu_processes, original_class, without_tied_copies
+from ..dynamic_lora.dynamics import HEALTH_STATES
+from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
+from .distributed import fsdp_on_cpu_processes, original_class, whole_adapter_factors, without_tied_copies
+
+logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
 TRAINING_ARGS_JSON = "training_args.json"
+RUN_LOSS_NAME = "run_loss.json"  # {"loss_sum": sum of the per-step training losses, "global_step": ...}
 
 
 def clean_staging(output_dir: str) -> None:
@@ -58,23 +73,126 @@ def publish_directory(source: str, target: str) -> None:
         os.replace(source, target)
 
 
+DYNAMIC_LORA_PREFIX = "dynamic_lora/"
+
+
+def console_logs(logs: dict) -> dict:
+    """A log entry as the console shows it: DynamicLoRA's metrics (about 15 per tier, 90 with the default tiers)
+    become one short `dynamic_lora` summary. `state.log_history` and the `report_to` integrations get every key."""
+    metrics = {key[len(DYNAMIC_LORA_PREFIX):]: value for key, value in logs.items() if key.startswith(DYNAMIC_LORA_PREFIX)}
+    if not metrics:
+        return logs
+    shown = {key: value for key, value in logs.items() if not key.startswith(DYNAMIC_LORA_PREFIX)}
+    parts = []
+    if "health" in metrics:
+        code = int(metrics["health"])
+        parts.append(HEALTH_STATES[code] if 0 <= code < len(HEALTH_STATES) else f"health {code}")
+    if "migrations_this_step" in metrics:
+        parts.append(f"{int(metrics['migrations_this_step'])} migrations")
+    screened = [value for key, value in metrics.items() if key.endswith("/screened_fraction")]
+    if screened:
+        parts.append(f"{sum(screened) / len(screened):.0%} screened (mean of {len(screened)} tiers)")
+    shown["dynamic_lora"] = ", ".join(parts) if parts else f"{len(metrics)} metrics"
+    return shown
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """Trainer's progress bar, printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
+class ConsolePrinterCallback(PrinterCallback):
+    """Trainer's printer (used with disable_tqdm), printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
+def read_run_loss(checkpoint: str) -> tuple[float, int] | None:
+    """(sum of the per-step training losses, steps) recorded in a checkpoint; None for an older checkpoint."""
+    path = os.path.join(checkpoint, RUN_LOSS_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        recorded = json.load(handle)
+    return recorded["loss_sum"], recorded["global_step"]
+
+
 class AtomicCheckpointTrainer(Trainer):
+    # sum of the per-step losses and steps before this `train()` call (a resumed run's earlier segments)
+    _loss_before = (0.0, 0)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for default, concise in ((ProgressCallback, ConsoleProgressCallback), (PrinterCallback, ConsolePrinterCallback)):
+            if self.pop_callback(default) is not None:
+                self.add_callback(concise)
+
     def create_accelerator_and_postprocess(self) -> None:
         with fsdp_on_cpu_processes():  # FSDP on CPU processes too (see .distributed)
             super().create_accelerator_and_postprocess()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        with whole_adapter_factors(self.model):  # the DynamicLoRA dynamics state is saved against whole factors
+            if "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+                return super().save_model(output_dir, _internal_call=_internal_call)
             # Trainer writes no model with a sharded state dict; the folder must load with from_pretrained
             self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
-            if self.args.push_to_hub and not _internal_call:
-                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-            return
-        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, whose `training_loss` is the mean over the whole run, and which only restores a
+        checkpoint that is already at the run's last step (see the module docstring)."""
+        self._loss_before = (0.0, 0)
+        if resume_from_checkpoint is True:  # Trainer's "the last checkpoint in output_dir" (it raises if there is none)
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, str):
+            recorded = read_run_loss(resume_from_checkpoint)
+            if recorded is None:
+                logger.warning("%s has no %s (written by an older reso-hf): the reported training loss covers "
+                               "the steps after it only", resume_from_checkpoint, RUN_LOSS_NAME)
+            else:
+                self._loss_before = recorded
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            last_step = self.args.max_steps if self.args.max_steps > 0 else state.max_steps
+            if state.global_step >= last_step:
+                return self._restore_final_checkpoint(resume_from_checkpoint, state)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        loss = self.run_training_loss(output.training_loss, output.global_step)
+        return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
+
+    def run_training_loss(self, segment_loss: float, global_step: int) -> float:
+        """The mean per-step training loss of the whole run, from this call's mean and the earlier segments'."""
+        loss_sum, steps = self._loss_before
+        if steps == 0:
+            return segment_loss
+        return (loss_sum + segment_loss * (global_step - steps)) / max(global_step, 1)
+
+    def _restore_final_checkpoint(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        print(f"{checkpoint} is at the run's last step ({state.global_step}): restoring it without training")
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        loss_sum, steps = self._loss_before
+        loss = loss_sum / steps if steps else None  # unknown for a checkpoint without run_loss.json
+        return TrainOutput(state.global_step, loss, {"train_loss": loss, "train_runtime": 0.0})
+
+    def _running_loss_sum(self) -> float:
+        """Sum of the per-step losses of the whole run so far, averaged over ranks like Trainer's logged loss
+        (a collective: every rank calls it)."""
+        pending = getattr(self, "_tr_loss", None)
+        pending = nested_gather(pending, self.args.parallel_mode).mean().item() if pending is not None else 0.0
+        return self._loss_before[0] + getattr(self, "_total_loss_scalar", 0.0) + pending
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, STAGING_DIR)
+        loss_sum = self._running_loss_sum()
         self._get_output_dir = lambda trial=None: staging  # Trainer writes (and rotates) in staging
         try:
             super()._save_checkpoint(model, trial)
@@ -83,6 +201,8 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its rng_state_<rank>.pth
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
+            atomic_write_text(os.path.join(staging, name, RUN_LOSS_NAME),
+                              json.dumps({"loss_sum": loss_sum, "global_step": self.state.global_step}))
             publish_directory(os.path.join(staging, name), os.path.join(run_dir, name))
             if self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging, run_dir)
@@ -95,7 +215,10 @@ class AtomicCheckpointTrainer(Trainer):
             state_dict = without_tied_copies(self.model, state_dict)
         with original_class(self.model):  # FSDP's generated class would be saved as the remote code
             super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # Trainer calls _save on every rank; only the saving one writes files
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        apply_umask_mode_to_safetensors(output_dir)
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if os.path.exists(pickled):
             os.remove(pickled)
@@ -116,7 +239,8 @@ class AtomicCheckpointTrainer(Trainer):
 def train_and_evaluate(trainer: Trainer, checkpoint: str | None, quiet: bool):
     """`trainer.train` (resuming from `checkpoint`) then `evaluate` when there is an eval set.
 
-    `quiet` drops the console printer and progress bar (the demo prints its own summary).
+    `quiet` drops the console printer and progress bar (the demo prints its own summary); otherwise they print
+    `console_logs` of each entry.
     Returns `(train_result, eval_metrics)`.
     """
     if quiet:

@@ -220,7 +220,7 @@ def _resume_config():
 
 
 def _full_state(model):
-    tensors, payload = model.base_model.dynamics().state_dict()
+    tensors, payload = model.base_model.dynamics_state_dict()
     params = {n: p.detach().clone() for n, p in model.named_parameters() if "dynamic_lora_" in n}
     return params, tensors, json.loads(json.dumps(payload))
 
@@ -256,6 +256,30 @@ def test_save_load_continue_is_bit_identical_to_uninterrupted_training(tmp_path)
     assert payload_a == payload_b
 
 
+def test_callback_restores_the_checkpoint_state_when_training_begins_and_refuses_a_checkpoint_without_one(tmp_path):
+    from reso_hf.dynamic_lora import DynamicLoraCallback
+
+    trained = get_peft_model(tiny_llama(seed=5), _resume_config())
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.05)
+    _train_steps(trained, optimizer, 3, first_seed=0)
+    trained.save_pretrained(tmp_path / "checkpoint")
+    model = get_peft_model(tiny_llama(seed=5), _resume_config())
+    # what Trainer's resume does: load_adapter into the existing adapter (weights only)
+    model.load_adapter(tmp_path / "checkpoint", "default", is_trainable=True)
+    assert model.base_model.dynamics_state_dict()[1]["step"] == 0
+    DynamicLoraCallback(resume_from_checkpoint=str(tmp_path / "checkpoint")).on_train_begin(None, None, None,
+                                                                                          model=model)
+    params_a, tensors_a, payload_a = _full_state(trained)
+    params_b, tensors_b, payload_b = _full_state(model)
+    assert payload_a == payload_b and tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert torch.equal(tensors_a[key], tensors_b[key]), key
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.* holds no DynamicLoRA dynamics state"):
+        DynamicLoraCallback(resume_from_checkpoint=str(tmp_path / "empty")).on_train_begin(None, None, None,
+                                                                                         model=model)
+
+
 def test_dynamics_files_are_safetensors_and_json_only(tmp_path):
     model = get_peft_model(tiny_llama(), small_config())
     model.save_pretrained(tmp_path)
@@ -264,6 +288,124 @@ def test_dynamics_files_are_safetensors_and_json_only(tmp_path):
     load_file(tmp_path / "dynamic_lora_state.safetensors")
     json.loads((tmp_path / "dynamic_lora_state.json").read_text())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def _module_states(model):
+    """The in-memory per-module dynamics tensors (every field, as the dynamics use them)."""
+    return {(name, tier, key): tensor for name, per_tier in model.base_model.dynamics().module_states.items()
+            for tier, state in per_tier.items() for key, tensor in state.tensors.items()}
+
+
+def _assert_same_dynamics(model_a, model_b):
+    states_a, states_b = _module_states(model_a), _module_states(model_b)
+    assert states_a.keys() == states_b.keys()
+    for key in states_a:
+        assert states_a[key].dtype == states_b[key].dtype, key
+        assert torch.equal(states_a[key], states_b[key]), key
+    _, tensors_a, payload_a = _full_state(model_a)
+    _, tensors_b, payload_b = _full_state(model_b)
+    assert payload_a == payload_b and tensors_a.keys() == tensors_b.keys()
+
+
+def test_saved_state_stores_only_what_the_weights_do_not_determine(tmp_path):
+    model = get_peft_model(tiny_llama(seed=5), _resume_config())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    _train_steps(model, optimizer, 3, first_seed=0)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "dynamic_lora_state.safetensors")
+    payload = json.loads((tmp_path / "dynamic_lora_state.json").read_text())
+    assert payload["version"] == 2 and payload["stored_tensors"] == len(tensors)
+    fields = {key.rsplit(".", 1)[1] for key in tensors if key.startswith("module.")}
+    # anchors equal the weights after a step; init_B is zero; masks are bits
+    assert fields == {"init_A", "importance_A", "importance_B", "screened_A_bits", "screened_B_bits", "subspace"}
+    assert all(t.dtype == torch.uint8 for k, t in tensors.items() if k.endswith("_bits"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "dynamic_lora_state.safetensors"), framework="pt") as handle:
+        # the tiers it describes, for readers of the file alone (reso-hf push's private-tier check)
+        assert json.loads(handle.metadata()["dynamic_lora_tiers"]) == [t["name"] for t in payload["layout"]["tiers"]]
+    def data_bytes(tensors):  # without the file headers, which dominate at this size
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    weights_bytes = data_bytes(load_file(tmp_path / "adapter_model.safetensors"))
+    state_bytes = data_bytes({k: t for k, t in tensors.items() if not k.endswith(".subspace")})
+    # init_A (half the weights here: A and B of q_proj have the same size) + importance (all weights) + one bit
+    # per element; format 1 stored 3.25x the weights
+    assert state_bytes <= (0.5 + 1 + 1 / 32) * weights_bytes
+    resumed = PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path, is_trainable=True)
+    _assert_same_dynamics(model, resumed)
+
+
+def test_anchors_that_differ_from_the_weights_are_stored_and_restored(tmp_path):
+    model = get_peft_model(tiny_llama(seed=5), _resume_config())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    _train_steps(model, optimizer, 2, first_seed=0)
+    ids = batch(seed=50)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # saved between the optimizer step and dynamic_step: anchors != weights
+    model.save_pretrained(tmp_path)
+    fields = {key.rsplit(".", 1)[1] for key in load_file(tmp_path / "dynamic_lora_state.safetensors")}
+    assert {"anchor_A", "anchor_B"} <= fields
+    resumed = PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path, is_trainable=True)
+    _assert_same_dynamics(model, resumed)
+    for name, param in model.named_parameters():
+        if param.requires_grad:  # the gradient of the step above is not saved: give it to both
+            resumed.get_parameter(name).grad = param.grad.clone()
+    model.base_model.dynamic_step()
+    resumed.base_model.dynamic_step()
+    _assert_same_dynamics(model, resumed)
+
+
+def _write_format_1(model, directory):
+    """The dynamics state as format version 1 wrote it: every tensor as in memory, masks as bool."""
+    dynamics = model.base_model.dynamics()
+    tensors, payload = dynamics.state_dict(model.base_model.tier_tensors())
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("module.") or k.endswith(".subspace")}
+    for (name, tier, key), tensor in _module_states(model).items():
+        tensors[f"module.{name}.{tier}.{key}"] = tensor.contiguous()
+    for key in ("encoding", "stored_tensors"):
+        del payload[key]
+    payload["version"] = 1
+    save_file(tensors, str(directory / "dynamic_lora_state.safetensors"))
+    (directory / "dynamic_lora_state.json").write_text(json.dumps(payload))
+
+
+def test_format_1_states_still_load_and_unknown_versions_are_named(tmp_path):
+    model = get_peft_model(tiny_llama(seed=5), _resume_config())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    _train_steps(model, optimizer, 3, first_seed=0)
+    model.base_model.migrate(next(iter(model.base_model.adapter_layers())), "context")  # a rollback point
+    model.save_pretrained(tmp_path)
+    _write_format_1(model, tmp_path)
+    resumed = PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path, is_trainable=True)
+    _assert_same_dynamics(model, resumed)
+    assert len(resumed.base_model.dynamics().ring) == 1
+
+    payload = json.loads((tmp_path / "dynamic_lora_state.json").read_text())
+    payload["version"] = 3
+    (tmp_path / "dynamic_lora_state.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"format version 3; this reso_hf reads versions \[1, 2\]"):
+        resumed.base_model.load_dynamics_state(str(tmp_path))
+    model.save_pretrained(tmp_path / "v2")
+    payload = json.loads((tmp_path / "v2" / "dynamic_lora_state.json").read_text())
+    payload["stored_tensors"] += 1
+    (tmp_path / "v2" / "dynamic_lora_state.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="do not belong together"):
+        resumed.base_model.load_dynamics_state(str(tmp_path / "v2"))
+    _assert_same_dynamics(model, resumed)  # nothing changed
+
+
+def test_bit_packing_round_trips_any_shape():
+    from reso_hf.dynamic_lora.dynamics import _same_bits, pack_bits, unpack_bits
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((1,), (3, 5), (8, 8), (7, 33)):
+        mask = torch.rand(shape, generator=generator) > 0.5
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.shape == ((mask.numel() + 7) // 8,)
+        assert torch.equal(unpack_bits(packed, mask), mask)
+    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True])).tolist() == [129, 128]
+    assert not _same_bits(torch.tensor([-0.0]), torch.tensor([0.0]))  # == would call them equal
 
 
 # ----- export ---------------------------------------------------------------------------------------------

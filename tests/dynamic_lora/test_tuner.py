@@ -199,7 +199,7 @@ def test_loading_with_a_different_tier_layout_fails_and_changes_nothing(tmp_path
     model.save_pretrained(tmp_path)
     other = get_peft_model(tiny_llama(), small_config(tiers=["agent", "context"]))
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
-    state_before = other.base_model.dynamics().state_dict()
+    state_before = other.base_model.dynamics_state_dict()
     with pytest.raises(ValueError, match="different tier layout"):
         other.base_model.load_dynamics_state(str(tmp_path))
     with pytest.raises(ValueError, match="tier layouts differ"):
@@ -208,7 +208,7 @@ def test_loading_with_a_different_tier_layout_fails_and_changes_nothing(tmp_path
         PeftModel.from_pretrained(tiny_llama(), tmp_path, config=small_config(tiers=["agent", "context"]))
     for name, param in other.named_parameters():
         assert torch.equal(param, before[name]), name
-    state_after = other.base_model.dynamics().state_dict()
+    state_after = other.base_model.dynamics_state_dict()
     assert state_before[1] == state_after[1]
     for key, tensor in state_before[0].items():
         assert torch.equal(tensor, state_after[0][key])

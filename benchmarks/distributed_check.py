@@ -8,7 +8,8 @@ few steps, once in one process and once per strategy in several processes with t
     fsdp       fsdp.yaml (FSDP2)
     deepspeed  deepspeed_zero2.yaml (only where `import deepspeed` works)
 
-and prints the largest differences to the one-process run: training loss per step, eval loss, the saved
+and prints the largest differences to the one-process run (and, for FSDP and DeepSpeed, to DDP with the same
+number of processes): training loss per step, eval loss, the saved
 model (`model/model.safetensors`) or adapter (`adapter/adapter_model.safetensors`), the DynamicLoRA
 dynamics state (`adapter/dynamic_lora_state.*`), and whether the saved folder holds the same files.
 Everything runs in float32 (`--mixed_precision no`), so the differences are those of the reduction order.
@@ -20,8 +21,11 @@ Without CUDA everything runs on CPU processes. The same command works on a lapto
     python benchmarks/distributed_check.py                       # all kinds and strategies, ~2-3 min on 2 CPU cores
     python benchmarks/distributed_check.py --kinds sft --strategies fsdp --steps 3
     python benchmarks/distributed_check.py --device cpu --json benchmarks/results/distributed_check_cpu.json
+    python benchmarks/distributed_check.py --kinds sft --strategies ddp fsdp --default-density-coupling \
+        --json benchmarks/results/distributed_check_default_coupling.json   # 2 processes != 1 here, FSDP == DDP
 
-Exit status 1 when a run fails or a difference exceeds its tolerance (see TOLERANCES).
+Exit status 1 when a run fails or a difference exceeds its tolerance (see TOLERANCES; expected with
+--default-density-coupling, whose point is the size of the difference).
 """
 
 from __future__ import annotations
@@ -276,20 +280,21 @@ def compare(reference: dict, other: dict, steps: int) -> dict:
 
 def print_table(rows: list[dict], skipped: list[dict], failed: list[dict]) -> None:
     print("largest differences to the one-process run: losses absolute, weights and dynamics tensors relative")
-    header = (f"{'run':<28} {'type':<10} {'d train loss':>12} {'d eval loss':>11} {'d weights':>10} "
+    header = (f"{'run':<32} {'type':<10} {'d train loss':>12} {'d eval loss':>11} {'d weights':>10} "
               f"{'d dynamics':>10} {'d dyn. nums':>11}  verdict")
     print(header)
     print("-" * len(header))
     for row in rows:
+        name = row["run"] if "single" in row["against"] else f"{row['run']} vs ddp"
         dynamics = (f"{row['dynamics']:10.2e} {row['dynamics_numbers']:11.2e}" if "dynamics" in row
                     else f"{'-':>10} {'-':>11}")
         verdict = "ok" if not row["problems"] else "FAIL: " + ", ".join(row["problems"])
-        print(f"{row['run']:<28} {str(row['distributed_type']):<10} {row['train_loss']:12.2e} "
+        print(f"{name:<32} {str(row['distributed_type']):<10} {row['train_loss']:12.2e} "
               f"{row['eval_loss']:11.2e} {row['weights']:10.2e} {dynamics}  {verdict}")
     for run in failed:
-        print(f"{run['name']:<28} run failed (exit {run['returncode']}): {run['error'].strip().splitlines()[-1]}")
+        print(f"{run['name']:<32} run failed (exit {run['returncode']}): {run['error'].strip().splitlines()[-1]}")
     for run in skipped:
-        print(f"{run['name']:<28} skipped: {run['reason']}")
+        print(f"{run['name']:<32} skipped: {run['reason']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=RESULTS / "distributed_check.json")
+    parser.add_argument("--default-density-coupling", action="store_true",
+                        help="sft with DynamicLoraConfig's default density_coupling (N processes then differ from one)")
     args = parser.parse_args(argv)
+    if args.default_density_coupling:
+        DYNAMIC_LORA.pop("density_coupling")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="distributed_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -333,10 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(run)
                     continue
                 rows.append(compare(reference, run, args.steps))
+                ddp = next((r for r in runs if r["name"] == run_name(kind, "ddp", device, nproc)), None)
+                if strategy != "ddp" and ddp is not None and ddp["returncode"] == 0:
+                    rows.append(compare(ddp, run, args.steps))  # the same world size: the tightest check
     print_table(rows, skipped, failed)
     import torch
 
     report = {"schema": "reso-hf/distributed_check/v1", "steps": args.steps, "global_batch": GLOBAL_BATCH,
+              "dynamic_lora": DYNAMIC_LORA,
               "tolerances": TOLERANCES, "comparisons": rows, "skipped": skipped, "runs": runs,
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "cuda_devices": torch.cuda.device_count(),

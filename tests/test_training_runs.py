@@ -19,6 +19,7 @@ from transformers.trainer_pt_utils import safe_globals
 import reso_hf
 from reso_hf.training import pretrain, sft
 from reso_hf.training.arguments import ArgumentError, parse_recipe, recipe_to_argv
+from reso_hf.training.commands import split_recipe_argument
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RECIPE = str(ROOT / "recipes/reso_llm/pretrain_sample.yaml")
@@ -339,6 +340,71 @@ def test_two_process_cpu_ddp_sft_keeps_dynamic_lora_state_identical_across_ranks
     assert summary["dynamic_lora"]["health"]["health"] in {"HEALTHY", "ACCEPTABLE", "DEGRADED"}
     assert (output / "adapter" / "adapter_model.safetensors").exists()
     assert (output / "checkpoint-4" / "dynamic_lora_state.safetensors").exists()
+
+
+def distributed_check():
+    """benchmarks/distributed_check.py as a module (its run flags and comparisons)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distributed_check", ROOT / "benchmarks" / "distributed_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_two_process_cpu_fsdp_pretrain_and_sft_match_one_process(tmp_path):
+    """recipes/accelerate/fsdp.yaml on 2 CPU processes against one process with the same global batch: the same
+    losses (train and eval), the same saved model and adapter, the same DynamicLoRA dynamics state; and an FSDP
+    SFT run resumed halfway ends where the uninterrupted one does."""
+    check = distributed_check()
+    steps = 4
+    base = check.make_sft_base(tmp_path / "base")
+    runs = {(kind, processes): {"name": check.run_name(kind, "fsdp" if processes > 1 else "single", "cpu", processes),
+                                "kind": kind, "strategy": "fsdp" if processes > 1 else "single",
+                                "output_dir": str(tmp_path / f"{kind}-{processes}")}
+            for kind in ("pretrain", "sft") for processes in (1, 2)}
+    flags = {key: check.training_arguments(key[0], steps, check.GLOBAL_BATCH // key[1], "cpu",
+                                           Path(run["output_dir"]), base) for key, run in runs.items()}
+    for kind in ("pretrain", "sft"):  # a checkpoint halfway too, for the resumed run
+        flags[kind, 2][flags[kind, 2].index("--save_steps") + 1] = str(steps // 2)
+    resumed = tmp_path / "sft-2-resumed"
+    resume_flags = [str(resumed) if flag == runs["sft", 2]["output_dir"] else flag for flag in flags["sft", 2]]
+    launch = check.launch_command("fsdp", 2, "cpu") + [str(ROOT / "tests" / "fsdp_worker.py"), json.dumps(
+        [["pretrain", flags["pretrain", 2]], ["sft", flags["sft", 2]],
+         ["sft", resume_flags + ["--resume", "true"], runs["sft", 2]["output_dir"]]])]
+    fsdp = subprocess.Popen(launch, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for kind, module in (("pretrain", pretrain), ("sft", sft)):  # the references, meanwhile, in this process
+        module.run(*parse_recipe(module.ARGUMENT_TYPES, *split_recipe_argument(flags[kind, 1])), quiet=True)
+    _, stderr = fsdp.communicate(timeout=280)
+    assert fsdp.returncode == 0, stderr[-3000:]
+    for kind in ("pretrain", "sft"):
+        row = check.compare(runs[kind, 1], runs[kind, 2], steps)
+        assert row["distributed_type"] == "FSDP" and row["world_size"] == 2, row  # not DDP in disguise
+        assert row["train_loss_steps"] == steps and row["eval_loss_steps"] == 2
+        assert row["train_loss"] < 1e-5 and row["eval_loss"] < 1e-5, row  # eval after 2 and 4 steps
+        assert row["weights"] < 1e-4, row  # relative to each tensor's largest magnitude
+        assert row["files_missing"] == row["files_extra"] == [], row  # no torch FSDP sources, no lm_head copy
+        if kind == "sft":
+            assert row["dynamics"] < 1e-4 and row["dynamics_numbers"] < 1e-5 and row["ranks_agree"], row
+            assert row["dynamics_json_mismatches"] == [], row
+        assert row["problems"] == [], row
+    model_dir = tmp_path / "pretrain-2" / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_reso_llm.ResoLLMForCausalLM"
+    assert "lm_head.weight" not in load_file(model_dir / "model.safetensors")  # tied, as a one-process save
+    checkpoint = tmp_path / "pretrain-2" / f"checkpoint-{steps}"
+    assert {"model.safetensors", "config.json", "training_args.json", "pytorch_model_fsdp_0"} <= set(
+        os.listdir(checkpoint))  # the whole model next to FSDP's sharded resume files
+    # resumed from the halfway checkpoint (FSDP's sharded files, the dynamics state against whole factors): the
+    # same adapter and dynamics state, bit for bit
+    summary = json.loads((resumed / "run_summary.json").read_text())
+    assert summary["training"]["resumed_from"] == str(resumed / f"checkpoint-{steps // 2}")
+    for name in ("adapter_model.safetensors", "dynamic_lora_state.safetensors"):
+        expected, actual = load_file(tmp_path / "sft-2" / "adapter" / name), load_file(resumed / "adapter" / name)
+        assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected), name
+    assert (json.loads((resumed / "adapter" / "dynamic_lora_state.json").read_text())
+            == json.loads((tmp_path / "sft-2" / "adapter" / "dynamic_lora_state.json").read_text()))
 
 
 @pytest.mark.parametrize("name, kind", [("single_cpu", "NO"), ("single_gpu", "NO"), ("multi_gpu_ddp", "MULTI_GPU"),

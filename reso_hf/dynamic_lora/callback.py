@@ -73,10 +73,21 @@ class DynamicLoraCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = find_dynamic_lora_tuner(model)
+        adapters = [self.adapter_name] if self.adapter_name else tuner.active_adapters
+        dynamic = [name for name in adapters if tuner.peft_config[name].dynamics_enabled]
+        if getattr(args, "deepspeed_plugin", None) is not None and dynamic:
+            raise ValueError(
+                "DynamicLoRA's dynamics read the factors' gradients after each optimizer step; DeepSpeed ZeRO moves "
+                "each gradient into its own partitioned buffers during backward and leaves param.grad empty, so "
+                f"there are none to read (adapters {dynamic}). Train with DDP (recipes/accelerate/multi_gpu_ddp.yaml) or "
+                "FSDP (recipes/accelerate/fsdp.yaml), or set dynamics_enabled=False in the DynamicLoraConfig."
+            )
         if self.resume_from_checkpoint is None:
             return control
-        tuner = find_dynamic_lora_tuner(model)
-        if not tuner.load_dynamics_state(self.resume_from_checkpoint, adapter_name=self.adapter_name):
+        with tuner.gathered_factors():  # restored against whole factors, which FSDP has sharded by now
+            restored = tuner.load_dynamics_state(self.resume_from_checkpoint, adapter_name=self.adapter_name)
+        if not restored:
             raise FileNotFoundError(
                 f"resume_from_checkpoint={self.resume_from_checkpoint!r} holds no DynamicLoRA dynamics state "
                 "(dynamic_lora_state.json + .safetensors), so training cannot continue exactly; a checkpoint that "

@@ -426,8 +426,8 @@ class AdapterDynamics:
         """Zero non-finite entries of the optimizer state of the factors, so that training can continue."""
         if optimizer is None:
             return 0
-        params = {
-            id(self._factor(layer, tier, which))
+        params = {  # under FSDP the optimizer holds the shards of the whole factors seen here (see .sharding)
+            id(getattr(self._factor(layer, tier, which), "sharded_source", self._factor(layer, tier, which)))
             for layer in layers.values()
             for tier in self.tiers
             for which in FACTOR_FIELDS

@@ -106,15 +106,19 @@ class DynamicLoraLayer(BaseTunerLayer):
     def fused_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat, s): the concatenated factors and per-column scaling of one adapter.
 
-        Without autograd the concatenation is cached and reused until any factor changes in place (the
-        parameters' version counters are part of the cache key), so inference pays for it once.
+        Without autograd (and outside torch.distributed) the concatenation is cached and reused until any factor
+        changes in place (the parameters' version counters are part of the cache key), so inference pays for it once.
         """
         tiers = self.tier_names[adapter_name]
         factors_a = [self.dynamic_lora_A[adapter_name][t] for t in tiers]
         factors_b = [self.dynamic_lora_B[adapter_name][t] for t in tiers]
         scale = self.dynamic_lora_scale[adapter_name]
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in factors_a + factors_b)
-        if needs_graph:
+        # FSDP2 gathers the factors of every forward into the same tensors and preserves their version counters
+        # (torch.autograd._unsafe_preserve_version_counter): the cache would keep an earlier forward's factors
+        # (evaluation after more training steps saw the old adapter). No cache in a distributed process.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if needs_graph or distributed:
             return torch.cat(factors_a, dim=0), torch.cat(factors_b, dim=1), scale
         key = tuple((id(p), p._version) for p in factors_a + factors_b)
         cached = self._fused_cache.get(adapter_name)

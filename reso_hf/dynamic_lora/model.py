@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+from contextlib import ExitStack, contextmanager
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,7 @@ from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
+from .sharding import whole_factors
 
 _TIER_KEY = re.compile(r"\.dynamic_lora_([AB])\.(?P<adapter>[^.]+)\.(?P<tier>[^.]+)$")
 _CHECKPOINT_TIER_KEY = re.compile(r"^(?P<module>.+)\.dynamic_lora_(?P<which>[AB])\.(?P<tier>[^.]+)$")
@@ -150,9 +152,11 @@ class DynamicLoraModel(BaseTuner):
             if not config.dynamics_enabled or config.inference_mode:
                 metrics[name] = {"dynamics": "disabled"}
                 continue
-            metrics[name] = self.dynamics(name).step(
-                self.adapter_layers(name), optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
-            )
+            layers = self.adapter_layers(name)
+            with whole_factors(layers, name):  # gathers FSDP-sharded factors (see .sharding)
+                metrics[name] = self.dynamics(name).step(
+                    layers, optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
+                )
         return metrics[names[0]] if len(names) == 1 else metrics
 
     def health(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
@@ -162,7 +166,9 @@ class DynamicLoraModel(BaseTuner):
     def rollback(self, n: int = 1, adapter_name: Optional[str] = None) -> list[dict]:
         """Undo the last `n` migrations exactly (newest first)."""
         adapter_name = adapter_name or self.active_adapters[0]
-        return self.dynamics(adapter_name).rollback(self.adapter_layers(adapter_name), n)
+        layers = self.adapter_layers(adapter_name)
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).rollback(layers, n)
 
     def migrate(self, module: str, source: str, adapter_name: Optional[str] = None, subspace=None) -> Optional[dict]:
         """Migrate the top-k pattern of tier `source` on `module` to the next slower tier now (manual trigger)."""
@@ -171,9 +177,9 @@ class DynamicLoraModel(BaseTuner):
         if source not in tiers or tiers.index(source) == 0:
             raise ValueError(f"source must be one of {tiers[1:]} (a tier with a slower tier), got {source!r}.")
         target = tiers[tiers.index(source) - 1]
-        return self.dynamics(adapter_name).run_migration(
-            self.adapter_layers(adapter_name), module, source, target, subspace=subspace
-        )
+        layers = self.adapter_layers(adapter_name)
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).run_migration(layers, module, source, target, subspace=subspace)
 
     def audit_log(self, adapter_name: Optional[str] = None) -> list[dict]:
         return list(self.dynamics(adapter_name).audit)
@@ -236,6 +242,15 @@ class DynamicLoraModel(BaseTuner):
         dynamics.record("restore_snapshot", provenance=snapshot.provenance)
 
     # ----- persistence -------------------------------------------------------------------------------
+    @contextmanager
+    def gathered_factors(self):
+        """Every adapter's factors whole on every rank while active, when FSDP shards them (a collective); no-op
+        otherwise. The dynamics state is saved (on the main process only) and restored against whole factors."""
+        with ExitStack() as stack:
+            for name in self.peft_config:
+                stack.enter_context(whole_factors(self.adapter_layers(name), name, write_back=False))
+            yield
+
     def dynamics_state_dict(self, adapter_name: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON payload) of the adapter's dynamics state as saved: compact, so it takes the adapter's
         current factors to be restored (`load_dynamics_state` finds them in the model)."""

@@ -10,7 +10,8 @@
                    "rows": {split: n}, "malformed_rows": {split: n}, "malformed_reasons": {split: {reason: n}},
                    "examples": {split: n}}
     training      {"global_step", "max_steps", "epoch", "train_loss" (mean over every step of the run, resumed
-                   segments included), "train_runtime_s", "train_tokens", "world_size", "seed", "learning_rate",
+                   segments included), "train_runtime_s", "train_tokens", "world_size",
+                   "distributed_type" (accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...), "seed", "learning_rate",
                    "resumed_from" (checkpoint folder or null)}
     eval          {"eval_loss", "perplexity"} (empty when there is no eval split)
     dynamic_lora  {"health": ...} (sft only)
@@ -107,7 +108,8 @@ def run_summary(kind: str, trainer, train_result, eval_metrics: dict, data_args,
                      "train_loss": train_result.training_loss,
                      "train_runtime_s": train_result.metrics.get("train_runtime"),
                      "train_tokens": state.num_input_tokens_seen or None,
-                     "world_size": args.world_size, "seed": args.seed, "learning_rate": args.learning_rate,
+                     "world_size": args.world_size, "distributed_type": trainer.accelerator.distributed_type.value,
+                     "seed": args.seed, "learning_rate": args.learning_rate,
                      "resumed_from": resumed_from},
         "eval": {} if eval_loss is None else {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)},
         "artifacts": {"model_dir": model_dir, "loss_plot": os.path.join(output_dir, LOSS_PLOT_NAME),

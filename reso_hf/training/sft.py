@@ -32,6 +32,7 @@ from .data import build_datasets, check_vocabulary
 from ..hub import write_card
 from .reporting import DYNAMICS_PLOT_NAME, LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
 from .run_folder import prepare_output_dir
+from .distributed import whole_adapter_factors
 from .trainer import AtomicCheckpointTrainer, train_and_evaluate
 
 ARGUMENT_TYPES = (SftArguments, DataArguments, TrainingArguments)
@@ -74,7 +75,8 @@ def dynamics_digest(model) -> str:
 
 
 def digests_across_ranks(model) -> list[str]:
-    mine = dynamics_digest(model)
+    with whole_adapter_factors(model):  # FSDP shards the factors that the digest hashes
+        mine = dynamics_digest(model)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [mine]
     gathered = [None] * torch.distributed.get_world_size()

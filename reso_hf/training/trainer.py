@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_pt_utils import nested_gather
@@ -42,6 +42,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_
 
 from ..dynamic_lora.dynamics import HEALTH_STATES
 from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
+from .distributed import fsdp_on_cpu_processes, original_class, whole_adapter_factors, without_tied_copies
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,21 @@ class AtomicCheckpointTrainer(Trainer):
             if self.pop_callback(default) is not None:
                 self.add_callback(concise)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        with fsdp_on_cpu_processes():  # FSDP on CPU processes too (see .distributed)
+            super().create_accelerator_and_postprocess()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        with whole_adapter_factors(self.model):  # the DynamicLoRA dynamics state is saved against whole factors
+            if "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+                return super().save_model(output_dir, _internal_call=_internal_call)
+            # Trainer writes no model with a sharded state dict; the folder must load with from_pretrained
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, whose `training_loss` is the mean over the whole run, and which only restores a
         checkpoint that is already at the run's last step (see the module docstring)."""
@@ -195,7 +211,10 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir=None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+        if state_dict is not None and isinstance(self.model, PreTrainedModel):  # gathered by FSDP or DeepSpeed
+            state_dict = without_tied_copies(self.model, state_dict)
+        with original_class(self.model):  # FSDP's generated class would be saved as the remote code
+            super()._save(output_dir, state_dict)
         if not self.args.should_save:  # Trainer calls _save on every rank; only the saving one writes files
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir

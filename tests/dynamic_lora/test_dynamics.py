@@ -196,6 +196,25 @@ def test_trainer_runs_the_callback_after_every_optimizer_step(tmp_path):
     assert health["step"] == 6
 
 
+@pytest.mark.parametrize("dynamics_enabled", [True, False])
+def test_callback_refuses_deepspeed_whose_zero_leaves_no_gradients_to_read(dynamics_enabled):
+    """Under DeepSpeed ZeRO-2 (2 CPU processes, deepspeed 0.19.8) param.grad of every factor was None after the
+    step: the run stopped at the first step with "found no gradient", advice that did not apply. Now the
+    callback names DeepSpeed before training; an adapter whose dynamics are off is not refused."""
+    from types import SimpleNamespace
+
+    model = get_peft_model(tiny_llama(), small_config(dynamics_enabled=dynamics_enabled))
+    args = SimpleNamespace(deepspeed_plugin=object())  # what TrainingArguments holds under DeepSpeed
+    callback = DynamicLoraCallback()
+    if dynamics_enabled:
+        with pytest.raises(ValueError, match=r"DeepSpeed ZeRO .* leaves param.grad empty.*adapters \['default'\]"
+                                             r".* or set dynamics_enabled=False"):
+            callback.on_train_begin(args, None, None, model=model)
+    else:
+        assert callback.on_train_begin(args, None, "control", model=model) == "control"
+    assert callback.on_train_begin(SimpleNamespace(deepspeed_plugin=None), None, "control", model=model) == "control"
+
+
 @pytest.mark.parametrize("follows", [True, False])
 def test_decay_of_a_tier_follows_its_inertia(follows):
     """No update and no importance: every element is FREE and B decays toward 0 at free_decay * (1 - alpha)."""

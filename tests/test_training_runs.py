@@ -50,6 +50,7 @@ def train_command(output_dir, *flags):
     ("recipes/reso_llm/pretrain_sample.yaml", pretrain.ARGUMENT_TYPES),
     ("recipes/reso_llm/pretrain_guanaco.yaml", pretrain.ARGUMENT_TYPES),
     ("recipes/dynamic_lora/sft_guanaco.yaml", sft.ARGUMENT_TYPES),
+    ("recipes/reso_llm/sft_smollm2_resonant.yaml", sft.ARGUMENT_TYPES),
 ])
 def test_recipe_round_trips_into_the_dataclasses(recipe, types):
     import yaml

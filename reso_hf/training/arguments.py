@@ -25,6 +25,9 @@ from transformers import HfArgumentParser
 from .data import CHAT_TEMPLATE_CHOICES
 
 MODEL_PRESETS = ("tiny", "small", "medium", "large")
+# What `reso-hf sft --train` trains: a DynamicLoRA adapter; only the resonant components of a ResoLLM (what
+# conversion adds); both (the resonant components saved with the adapter); or every parameter.
+TRAIN_MODES = ("dynamic_lora", "resonant", "resonant+dynamic_lora", "full")
 DEFAULT_ASSISTANT_ONLY_LOSS = True
 
 
@@ -128,11 +131,28 @@ class SftArguments:
     gguf_file: Optional[str] = field(default=None, metadata={
         "help": "GGUF file name inside base_model (a folder or Hub repo); implied when base_model ends in .gguf."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the base model's own code (trusted repos only)."})
+    train: str = field(default="dynamic_lora", metadata={
+        "help": "What is trained: 'dynamic_lora' (a DynamicLoRA adapter, saved to adapter/), 'resonant' (only the "
+                "resonant components of a converted ResoLLM, saved with the whole model to model/), "
+                "'resonant+dynamic_lora' (both, the resonant components saved in adapter/) or 'full' (every "
+                "parameter, model/).", "choices": list(TRAIN_MODES)})
     dynamic_lora: Optional[str] = field(default=None, metadata={
         "help": "JSON object of DynamicLoraConfig fields (a mapping in YAML), e.g. tiers, tier_ranks, target_modules."})
     resume: bool = field(default=False, metadata={"help": "Resume exactly from the last complete checkpoint in output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Replace the run already in output_dir (its checkpoints, adapter/ and reports) by a new one."})
+        "help": "Replace the run already in output_dir (its checkpoints, adapter/ or model/ and reports) by a new one."})
+
+    def __post_init__(self):
+        if self.train not in TRAIN_MODES:
+            raise ArgumentError(f"train must be one of {list(TRAIN_MODES)}, got {self.train!r}", "train")
+
+    def trains_adapter(self) -> bool:
+        """Whether the run trains a DynamicLoRA adapter (saved to adapter/) rather than the model (model/)."""
+        return self.train in ("dynamic_lora", "resonant+dynamic_lora")
+
+    def trains_resonant(self) -> bool:
+        """Whether the resonant components of a ResoLLM are trained (the base must be one that has them)."""
+        return self.train in ("resonant", "resonant+dynamic_lora")
 
 
 @dataclass

@@ -8,8 +8,9 @@ function and training the resonant parts starts from the pretrained model:
 - `kuramoto`: the phase projection starts at zero, so every content phase is 0 and the mean-field pull is
   0; `kuramoto_keeps_position` adds the content phase to the reserved pair's positional angle instead of
   replacing it, so that pair keeps the source's rotary angle at every position.
-- `coherence_gating`: `coherence_gate_normalized` divides each gate by its fully open value and the gate
-  starts fully open (score weight 0, bias `ResoLLMCoherenceGate.OPEN_BIAS`), so it is exactly 1.
+- `coherence_gating`: `coherence_gate_normalized` divides each gate by its value at the initial score
+  (`ResoLLMCoherenceGate.INITIAL_BIAS`) and the gate starts there (score weight 0), so it is exactly 1, and
+  unlike a saturated open gate it passes a gradient to its score.
 - `rope_spectrum="golden"` replaces the source's rotary frequencies: no identity exists, positions are re-learnt
   (a warning says so).
 """
@@ -99,7 +100,7 @@ def start_at_identity(model: ResoLLMForCausalLM) -> None:
         if layer.self_attn.kuramoto is not None:
             layer.self_attn.kuramoto.phase_proj.weight.zero_()
         if layer.coherence_gate is not None:
-            layer.coherence_gate.open_fully()
+            layer.coherence_gate.start_as_identity()
 
 
 def resonant_parameter_names(model: ResoLLMForCausalLM) -> list[str]:

@@ -72,6 +72,7 @@ DynamicLoRA supervised fine-tuning of a causal LM on guanaco-format data.
 """ + RECIPE_COMMON + """
 common fields:
   --base_model MODEL            Hub id, local folder or .gguf file
+  --train MODE                  dynamic_lora (default), resonant, resonant+dynamic_lora or full
   --dynamic_lora JSON           DynamicLoraConfig fields (tiers, tier_ranks, target_modules, ...)
   --output_dir DIR              checkpoint-N/, adapter/, run_summary.json and plots go here
   --data_files FILE [FILE ...]  local jsonl/parquet/arrow files with a guanaco `text` column

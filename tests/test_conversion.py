@@ -51,7 +51,7 @@ def test_identity_components_are_exact_no_ops_and_train():
     model = reso_hf.ResoLLMForCausalLM.from_llama(source, **IDENTITY_SWITCHES["all"])
     gate = model.model.layers[0].coherence_gate
     _, gate_values = gate(torch.randn(2, 5, 64) * 10)
-    assert torch.equal(gate_values, torch.ones(2, 5))  # exactly open, not 0.99
+    assert torch.equal(gate_values, torch.ones(2, 5))  # exactly 1, not 0.99
     assert sorted({name.split(".")[-2] for name in resonant_parameter_names(model)}) == [
         "kuramoto", "phase_proj", "proj", "score"]
     model.train()
@@ -60,6 +60,7 @@ def test_identity_components_are_exact_no_ops_and_train():
     grads = {name: param.grad for name, param in model.named_parameters() if name in resonant_parameter_names(model)}
     assert all(grad is not None for grad in grads.values())
     assert any(grad.abs().sum() > 0 for name, grad in grads.items() if "phase_proj" in name)
+    assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "coherence_gate.score" in name)
 
 
 def test_golden_spectrum_warns_that_positions_are_relearnt(llama):

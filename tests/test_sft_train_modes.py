@@ -208,11 +208,9 @@ def test_the_mode_is_part_of_the_run_fingerprint():
         "train: 'dynamic_lora' -> 'resonant'"]
 
 
-@pytest.mark.xfail(strict=True, reason="converted gates start saturated (score bias 40): zero gradient; "
-                                       "reso_hf/conversion.py, reported to the lead")
 def test_converted_gates_get_a_gradient():
-    """Conversion opens each gate with score bias OPEN_BIAS = 40, where float32's sigmoid is exactly 1.0 and its
-    derivative exactly 0: as converted, `--train resonant` cannot move a gate."""
+    """A converted gate starts at exactly 1 but not saturated, so `--train resonant` can move it (an earlier
+    saturated start, score bias 40, had a gradient of exactly 0)."""
     model = reso_hf.ResoLLMForCausalLM.from_llama(tiny_llama(), coherence_gating=True).train()
     ids = PROBE_IDS.repeat(2, 1)
     model(ids, labels=ids).loss.backward()

@@ -202,8 +202,8 @@ class ResoLLMConfig(PretrainedConfig):
     - `kuramoto_keeps_position` (bool): the content phase is added to the reserved pair's positional angle instead
       of replacing it, so a zero phase projection leaves standard RoPE intact (models converted from Llama set it).
     - `coherence_gating` (bool): full-range sigmoid gate on each MLP output (§3.4).
-    - `coherence_gate_normalized` (bool): divide each gate by its fully open value sigma(k (1 - tau)), so an open
-      gate is exactly 1 (models converted from Llama set it and start fully open).
+    - `coherence_gate_normalized` (bool): divide each gate by its value at the initial score (bias 2, weight 0), so a
+      gate there is exactly 1 and trainable (models converted from Llama set it and start there).
     - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
     - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`: sub-configs
       (objects or dicts) for the v2 extensions.

@@ -209,9 +209,6 @@ class ResoLLMCoherenceGate(nn.Module):
     # from an ordinary transformer block.
     INITIAL_BIAS = 2.0
 
-    # Bias of a gate converted to start fully open: sigmoid(40) is 1.0 in float32 and bfloat16.
-    OPEN_BIAS = 40.0
-
     def __init__(self, hidden_size: int, threshold: float, sharpness: float, normalized: bool = False):
         super().__init__()
         self.score = nn.Linear(hidden_size, 1)
@@ -219,18 +216,23 @@ class ResoLLMCoherenceGate(nn.Module):
         self.sharpness = sharpness
         self.normalized = normalized
 
+    def _gate(self, score: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.sharpness * (torch.sigmoid(score) - self.threshold))
+
     def forward(self, mlp_output: torch.Tensor):
-        coherence = torch.sigmoid(self.score(mlp_output))
-        gate = torch.sigmoid(self.sharpness * (coherence - self.threshold))
-        if self.normalized:  # divide by the fully open value (c = 1), computed the same way: open is exactly 1
-            gate = gate / torch.sigmoid(self.sharpness * (torch.ones_like(coherence[..., :1, :1]) - self.threshold))
+        score = self.score(mlp_output)
+        gate = self._gate(score)
+        if self.normalized:
+            # Divide by the gate of the initial score (computed the same way, so a gate at its initial score is
+            # exactly 1): it starts as a no-op yet, unlike a saturated gate, passes a gradient. Range [0, ~1.03].
+            gate = gate / self._gate(torch.full_like(score[..., :1, :1], self.INITIAL_BIAS))
         return mlp_output * gate, gate.squeeze(-1)
 
     @torch.no_grad()
-    def open_fully(self) -> None:
-        """Start as a no-op (with `normalized`): c = 1 for every input, so the gate is exactly 1."""
+    def start_as_identity(self) -> None:
+        """With `normalized`, a gate of exactly 1 for every input: score weight 0, bias the initial score."""
         self.score.weight.zero_()
-        self.score.bias.fill_(self.OPEN_BIAS)
+        self.score.bias.fill_(self.INITIAL_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -436,6 +436,9 @@ def render_model_card(
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     if base_model is None and summary is not None:
         base_model = summary["model"].get("base_model")
+    source_model = config.get("source_model")
+    if base_model is None and isinstance(source_model, str) and not os.path.exists(source_model):
+        base_model = source_model  # converted from a Hub model (`from_llama`): that is its base
     card_data = ModelCardData(
         model_name=model_name, library_name="transformers", pipeline_tag="text-generation",
         tags=list(MODEL_TAGS), license=_check_license(license), base_model=base_model,

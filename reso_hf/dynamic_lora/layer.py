@@ -155,8 +155,9 @@ class DynamicLoraLayer(BaseTunerLayer):
             if safe_merge:
                 merged = base_layer.weight.data + delta
                 if not torch.isfinite(merged).all():
+                    # PEFT's shared wording (every tuner raises it), which tooling matches on
                     raise ValueError(
-                        f"Merging adapter {adapter_name!r} would produce non-finite weights; the adapter is broken."
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                     )
                 base_layer.weight.data = merged
             else:

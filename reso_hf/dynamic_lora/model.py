@@ -7,13 +7,14 @@ import os
 import re
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 
+from . import combination
 from .config import (
     AUDIT_LOG_NAME,
     DYNAMICS_STATE_JSON_NAME,
@@ -131,7 +132,7 @@ class DynamicLoraModel(BaseTuner):
             raise ValueError(f"No tier of adapter {adapter_name!r} is selected for writing.")
         return selected
 
-    # ----- mixed-adapter batches ------------------------------------------------------------------------
+    # ----- mixed-adapter batches, combination ------------------------------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """`adapter_names=[...]` in PeftModel.forward / generate: row i uses adapter adapter_names[i] only.
@@ -180,6 +181,21 @@ class DynamicLoraModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[Union[int, dict[str, int]]] = None,
+    ) -> None:
+        """Add adapter `adapter_name` whose weight change is sum_i weights[i] * (change of adapters[i]), tier by tier.
+
+        See `reso_hf.dynamic_lora.combination.add_weighted_adapter` for the combination types ("cat": exact,
+        "svd": truncated SVD per tier, "linear": PEFT's factor-wise average) and the resulting tier layout.
+        """
+        combination.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # ----- dynamics ----------------------------------------------------------------------------------
     def dynamic_step(

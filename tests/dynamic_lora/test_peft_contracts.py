@@ -99,7 +99,7 @@ def test_mixed_adapter_batch_in_generate_matches_single_adapter_generation():
     model = _two_adapters()
     prompt = batch(size=2, length=5)
     names = ["first", "second"]
-    for options in ({}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}):
+    for options in ({}, {"num_beams": 3, "num_return_sequences": 2}):  # inputs expanded 3x, 2 returned per row
         settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, **options)
         with torch.no_grad():
             mixed = model.generate(input_ids=prompt, adapter_names=names, **settings)

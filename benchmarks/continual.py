@@ -310,6 +310,9 @@ def dynamic_config(args, variant: str = "dynamic_on"):
     overrides = dict(DYNAMIC_VARIANTS[variant])
     config = reso_hf.DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=list(ATTENTION),
                                        tier_ranks=dict(args.tier_ranks), autocorr_window=args.autocorr_window)
+    # the published runs used the scaling default of that time, alpha = the largest tier rank (s_t = 16 / rank_t
+    # here): pinned so that they stay reproducible (the default is now sqrt(R / (T rank_t)), README)
+    config.alpha = float(max(config.rank_of(t) for t in config.tiers))
     if overrides.pop("tier_alpha", None) == "rank":
         overrides["tier_alpha"] = {t: float(config.rank_of(t)) for t in config.tiers}
     for name, value in overrides.items():

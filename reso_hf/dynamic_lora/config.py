@@ -8,6 +8,7 @@ together with every knob of the dynamics (inertia, phases, pattern detection, mi
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -125,12 +126,14 @@ class DynamicLoraConfig(PeftConfig):
     )
     alpha: Optional[float] = _field(
         None,
-        "Scaling numerator shared by the tiers, as LoRA's lora_alpha: s_t = alpha / rank_t, so that a tier moves the "
-        "adapted function as fast per unit of learning rate whatever its rank (a rank-1 fast tier is not 64x "
-        "slower than the rank-64 foundation). None: the largest tier rank (that tier has s = 1). > 0.",
+        "Scaling numerator shared by the tiers, as LoRA's lora_alpha: s_t = alpha / rank_t. None (default): "
+        "s_t = sqrt(R / (T rank_t)) with R the total rank and T the number of tiers, so that sum_t s_t^2 rank_t = R: "
+        "an Adam step changes the weights as much as a LoRA of rank R with lora_alpha = R does (it trains at the same "
+        "learning rates), and every tier gets an equal share of that step (README, DynamicLoRA). > 0.",
     )
     tier_alpha: dict[str, float] = _field(
-        {}, "Scaling numerator per tier, overriding alpha: s_t = tier_alpha[t] / rank_t (alpha = rank gives s_t = 1)."
+        {}, "Scaling numerator per tier, overriding alpha and the default: s_t = tier_alpha[t] / rank_t "
+        "(tier_alpha = rank gives s_t = 1)."
     )
     tier_privacy: dict[str, str] = _field(
         {},
@@ -357,8 +360,14 @@ class DynamicLoraConfig(PeftConfig):
         return float(self.tier_inertia.get(tier, DEFAULT_TIER_INERTIA[tier]))
 
     def scaling_of(self, tier: str) -> float:
-        shared = self.alpha if self.alpha is not None else max(self.rank_of(t) for t in self.tiers)
-        return float(self.tier_alpha.get(tier, shared)) / self.rank_of(tier)
+        if tier in self.tier_alpha:
+            return float(self.tier_alpha[tier]) / self.rank_of(tier)
+        if self.alpha is not None:
+            return float(self.alpha) / self.rank_of(tier)
+        # Adam moves every factor element by about lr per step, so tier t changes the weights by a matrix of norm
+        # ~ lr s_t sqrt(out rank_t / 3), and independent tiers add in quadrature: sum_t s_t^2 rank_t = R gives the
+        # step of a rank-R LoRA with scaling 1, shared equally by the T tiers.
+        return math.sqrt(self.total_rank / (len(self.tiers) * self.rank_of(tier)))
 
     def privacy_of(self, tier: str) -> str:
         return self.tier_privacy.get(tier, "public")

@@ -24,6 +24,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import DynamicLoraConfig
 
 SUPPORTED_BASE_LAYERS = "torch.nn.Linear, transformers.pytorch_utils.Conv1D"
+# In adapter_names (mixed-adapter batches), the rows that get no adapter: PEFT's name for them.
+BASE_ADAPTER_NAME = "__base__"
 
 
 class DynamicLoraLayer(BaseTunerLayer):
@@ -162,8 +164,9 @@ class DynamicLoraLayer(BaseTunerLayer):
             if safe_merge:
                 merged = base_layer.weight.data + delta
                 if not torch.isfinite(merged).all():
+                    # PEFT's shared wording (every tuner raises it), which tooling matches on
                     raise ValueError(
-                        f"Merging adapter {adapter_name!r} would produce non-finite weights; the adapter is broken."
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                     )
                 base_layer.weight.data = merged
             else:
@@ -180,11 +183,51 @@ class DynamicLoraLayer(BaseTunerLayer):
                 base_layer.weight.data -= self.get_delta_weight(adapter_name).to(base_layer.weight.dtype)
 
     # ----- forward -----------------------------------------------------------------------------------------
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """B_cat diag(s) A_cat dropout(x): one adapter's contribution to the layer output."""
+        factor_a, factor_b, scale = self.fused_factors(adapter_name)
+        adapter_input = self._cast_input_dtype(x, factor_a.dtype)
+        hidden = F.linear(self.dynamic_lora_dropout[adapter_name](adapter_input), factor_a) * scale
+        return F.linear(hidden, factor_b)
+
+    def _check_adapter_names(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"adapter_names must name one adapter (or '{BASE_ADAPTER_NAME}') per row of the batch: got "
+                f"{len(adapter_names)} names for {len(x)} rows."
+            )
+        if self.merged:
+            raise ValueError(
+                f"adapter_names cannot select adapters per row while adapters {self.merged_adapters} are merged into "
+                "the base weights; call unmerge_adapter() first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Row i of the batch gets adapter adapter_names[i] alone ('__base__': the base layer only)."""
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(row)
+        for adapter_name, rows in rows_of.items():
+            # an adapter that does not adapt this layer leaves its rows unchanged here, as in the normal forward
+            if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.dynamic_lora_A:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            delta = self._adapter_output(x.index_select(0, index), adapter_name)
+            result = result.index_add(0, index, delta.to(result.dtype))
+        return result.to(result_dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            self._check_adapter_names(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -192,11 +235,13 @@ class DynamicLoraLayer(BaseTunerLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.dynamic_lora_A:
                 continue
-            factor_a, factor_b, scale = self.fused_factors(adapter_name)
-            adapter_input = self._cast_input_dtype(x, factor_a.dtype)
-            hidden = F.linear(self.dynamic_lora_dropout[adapter_name](adapter_input), factor_a) * scale
-            result = result + F.linear(hidden, factor_b)
+            result = result + self._adapter_output(x, adapter_name)
         return result.to(result_dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # The adapter is additive (W0 + B_cat diag(s) A_cat) and get_delta_weight gives the change in the base
+        # weight's orientation, which is what peft.tuners.lora.conversion.convert_to_lora factorises.
+        return True
 
     def __repr__(self) -> str:
         return "dynamic_lora." + super().__repr__()

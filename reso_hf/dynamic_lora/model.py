@@ -7,12 +7,15 @@ import json
 import os
 import re
 from contextlib import ExitStack, contextmanager
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 
+from . import combination
 from .config import (
     AUDIT_LOG_NAME,
     DYNAMICS_STATE_JSON_NAME,
@@ -22,12 +25,18 @@ from .config import (
 )
 from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
-from .layer import DynamicLoraLayer, create_dynamic_lora_module
+from .layer import BASE_ADAPTER_NAME, DynamicLoraLayer, create_dynamic_lora_module
 from .serialization import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
 from .sharding import whole_factors
 
 _TIER_KEY = re.compile(r"\.dynamic_lora_([AB])\.(?P<adapter>[^.]+)\.(?P<tier>[^.]+)$")
 _CHECKPOINT_TIER_KEY = re.compile(r"^(?P<module>.+)\.dynamic_lora_(?P<which>[AB])\.(?P<tier>[^.]+)$")
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    # forward pre-hook of a mixed-adapter batch: the layer receives the per-row adapter names as a keyword
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 class DynamicLoraModel(BaseTuner):
@@ -132,6 +141,71 @@ class DynamicLoraModel(BaseTuner):
         if not selected:
             raise ValueError(f"No tier of adapter {adapter_name!r} is selected for writing.")
         return selected
+
+    # ----- mixed-adapter batches, combination ------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """`adapter_names=[...]` in PeftModel.forward / generate: row i uses adapter adapter_names[i] only.
+
+        The names reach every DynamicLoRA layer (and modules_to_save wrapper) through forward pre-hooks for the
+        duration of the call. Under generate(), each row is repeated max(num_beams, num_return_sequences) times
+        (as generate expands its inputs), except in the encoder of an encoder-decoder model.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}.")
+        if self.training:
+            raise ValueError("adapter_names selects adapters per row at inference only: call model.eval() first.")
+        known = set()
+        for module in self.model.modules():
+            if isinstance(module, DynamicLoraLayer):
+                known |= set(module.dynamic_lora_A)
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_names holds unknown adapters {unknown}; allowed: {sorted(known) + [BASE_ADAPTER_NAME]}."
+            )
+        generation_config = kwargs.get("generation_config")
+        copies = max(
+            int(kwargs.get("num_beams") or getattr(generation_config, "num_beams", None) or 1),
+            int(kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", None) or 1),
+        )
+        per_row = [name for name in adapter_names for _ in range(copies)]
+        handles = []
+
+        def hook_all(root: torch.nn.Module, names: list[str]) -> None:
+            for module in root.modules():
+                if isinstance(module, (DynamicLoraLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_inject_adapter_names, adapter_names=names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+        hook_all(self.model, per_row)
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if copies > 1 and encoder is not None and encoder is not self.model:
+            hook_all(encoder, list(adapter_names))  # registered later, so these run last: the encoder is not expanded
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[Union[int, dict[str, int]]] = None,
+    ) -> None:
+        """Add adapter `adapter_name` whose weight change is sum_i weights[i] * (change of adapters[i]), tier by tier.
+
+        See `reso_hf.dynamic_lora.combination.add_weighted_adapter` for the combination types ("cat": exact,
+        "svd": truncated SVD per tier, "linear": PEFT's factor-wise average) and the resulting tier layout.
+        """
+        combination.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # ----- dynamics ----------------------------------------------------------------------------------
     def dynamic_step(

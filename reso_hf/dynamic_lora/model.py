@@ -7,7 +7,6 @@ import json
 import os
 import re
 from contextlib import ExitStack, contextmanager
-from functools import partial
 from typing import Any, Optional, Union
 
 import torch
@@ -179,7 +178,7 @@ class DynamicLoraModel(BaseTuner):
         def hook_all(root: torch.nn.Module, names: list[str]) -> None:
             for module in root.modules():
                 if isinstance(module, (DynamicLoraLayer, AuxiliaryTrainingWrapper)):
-                    hook = partial(_inject_adapter_names, adapter_names=names)
+                    hook = functools.partial(_inject_adapter_names, adapter_names=names)
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
         hook_all(self.model, per_row)

@@ -7,6 +7,7 @@ item, the run's --output_dir is first made a copy of that finished run's folder 
 checkpoint (as if killed there), and the flags resume it.
 """
 
+import faulthandler
 import json
 import os
 import shutil
@@ -37,4 +38,5 @@ def main(runs: list) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a native abort in one rank then shows every thread's Python stack
     main(json.loads(sys.argv[1]))

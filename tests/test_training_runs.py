@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,11 @@ def test_two_process_cpu_ddp_sft_keeps_dynamic_lora_state_identical_across_ranks
     assert (output / "checkpoint-4" / "dynamic_lora_state.safetensors").exists()
 
 
+def killed_by_native_abort(stderr: str) -> bool:
+    """Whether torchrun reports a rank killed by SIGABRT (a native abort, not a Python exception)."""
+    return "Signal 6 (SIGABRT)" in stderr  # a Python exception in a rank exits with code 1 instead
+
+
 def distributed_check():
     """benchmarks/distributed_check.py as a module (its run flags and comparisons)."""
     import importlib.util
@@ -353,7 +359,7 @@ def distributed_check():
     return module
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_two_process_cpu_fsdp_pretrain_and_sft_match_one_process(tmp_path):
     """recipes/accelerate/fsdp.yaml on 2 CPU processes against one process with the same global batch: the same
     losses (train and eval), the same saved model and adapter, the same DynamicLoRA dynamics state; and an FSDP
@@ -377,7 +383,17 @@ def test_two_process_cpu_fsdp_pretrain_and_sft_match_one_process(tmp_path):
     fsdp = subprocess.Popen(launch, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for kind, module in (("pretrain", pretrain), ("sft", sft)):  # the references, meanwhile, in this process
         module.run(*parse_recipe(module.ARGUMENT_TYPES, *split_recipe_argument(flags[kind, 1])), quiet=True)
-    _, stderr = fsdp.communicate(timeout=280)
+    _, stderr = fsdp.communicate(timeout=200)
+    if fsdp.returncode != 0 and killed_by_native_abort(stderr):
+        # gloo on an oversubscribed 2-core machine has aborted a rank natively ("terminate called without an active
+        # exception", SIGABRT) a few times in hundreds of runs, never with a Python error; one clean relaunch tells
+        # that apart from a real failure, which repeats. faulthandler in the worker prints the aborting stacks.
+        warnings.warn(f"FSDP worker aborted natively, relaunched once; its stderr ended:\n{stderr[-1500:]}")
+        for folder in (runs["pretrain", 2]["output_dir"], runs["sft", 2]["output_dir"], resumed):
+            shutil.rmtree(folder, ignore_errors=True)
+        launch[launch.index("--main_process_port") + 1] = str(check.free_port())
+        retry = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=200)
+        fsdp.returncode, stderr = retry.returncode, retry.stderr
     assert fsdp.returncode == 0, stderr[-3000:]
     for kind in ("pretrain", "sft"):
         row = check.compare(runs[kind, 1], runs[kind, 2], steps)

@@ -1,0 +1,306 @@
+"""Do the resonant components earn their place on a real model? (issue 13; SmolLM2-135M-Instruct, guanaco, CPU).
+
+SmolLM2 converted into a ResoLLM (reso_hf.conversion: every switched-on component starts at its identity, so
+before training each variant computes SmolLM2's function) is fine-tuned on guanaco conversations with the same
+steps, tokens, learning rate and seed as SmolLM2 itself, and the held-out loss is compared.
+
+Data: the rows of `--data` (default ../shared/data/guanaco/openassistant_best_replies_eval.jsonl), formatted with
+the model's chat template, only assistant tokens labelled, cut to `--seq` tokens. Split rule (fixed, documented):
+the rows are shuffled with random.Random(0) and the first 20% are the held-out part; with `--split dev` a
+development part (20% of the rest, shuffled with random.Random(1)) is evaluated instead and the held-out part is
+never touched. Learning rates were chosen on the dev split.
+
+Variants (the trainable-parameter count of each is in the table):
+  lora_rN              SmolLM2 + PEFT LoRA of rank N on q/k/v/o: the plain-model baselines; N is chosen so
+                       that the count matches the resonant variant it is compared with (lora_match_resonant,
+                       lora_match_dynamic);
+  full_smollm2         SmolLM2 full fine-tuning (at --full-lr);
+  resonant_prime, resonant_kuramoto, resonant_gating, resonant_all
+                       converted with that switch alone (or all three), training only the parameters conversion
+                       added (`reso-hf sft --train resonant`);
+  resonant_dynamic     converted with all three switches, `--train resonant+dynamic_lora` (DynamicLoRA of the
+                       compact tiers on q/k/v/o + the resonant parameters);
+  full_resollm         the all-switch conversion trained in full (at --full-lr).
+rope_spectrum="golden" is left out: it adds no parameter to train and cannot start at the identity.
+
+Goal (issue 13): a converted ResoLLM <= 0.99x the held-out loss of the plain model at equal budget and trainable
+parameters: resonant_all against lora_match_resonant, resonant_dynamic against lora_match_dynamic, full_resollm
+against full_smollm2.
+
+    python benchmarks/upcycle_quality.py --split dev           # development runs (choices made here)
+    python benchmarks/upcycle_quality.py --seeds 0 1            # the reported held-out figures
+    python benchmarks/upcycle_quality.py --variants resonant_all lora_match_resonant --reuse earlier.json
+
+Writes benchmarks/results/upcycle_quality[_dev].json and .png (atomically) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reso_hf  # noqa: E402
+from continual import ATTENTION, COMPACT_RANKS, DEFAULT_DATA, atomic_write, collate, held_out_loss, split  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table  # noqa: E402
+from reso_hf.conversion import convert_from_llama, resonant_parameter_names  # noqa: E402
+from reso_hf.training.data import (  # noqa: E402
+    IGNORE_INDEX,
+    parse_guanaco,
+    read_jsonl_texts,
+    resolve_chat_template,
+    tokenize_messages,
+)
+
+ALL_SWITCHES = {"prime_embedding": True, "kuramoto": True, "coherence_gating": True}
+RESONANT = {"resonant_prime": {"prime_embedding": True}, "resonant_kuramoto": {"kuramoto": True},
+            "resonant_gating": {"coherence_gating": True}, "resonant_all": ALL_SWITCHES}
+VARIANTS = ["lora_match_resonant", "lora_match_dynamic", "full_smollm2", *RESONANT, "resonant_dynamic", "full_resollm"]
+COMPARISONS = {"resonant_all": "lora_match_resonant", "resonant_dynamic": "lora_match_dynamic",
+               "full_resollm": "full_smollm2"}
+GOAL_RATIO = 0.99
+
+
+def build_data(args, tokenizer) -> tuple[list, list]:
+    template = resolve_chat_template(tokenizer, "auto")
+    conversations = [parse_guanaco(text) for text in read_jsonl_texts(str(args.data))]
+    train, held_out = split(conversations, 0.2, 0)
+    if args.split == "dev":
+        train, held_out = split(train, 0.2, 1)
+
+    def tokenized(rows):
+        docs = [tokenize_messages(tokenizer, m, template, assistant_only=True) for m in rows]
+        return [(ids[: args.seq], labels[: args.seq]) for ids, labels in docs
+                if any(label != IGNORE_INDEX for label in labels[: args.seq])]
+
+    return tokenized(train), tokenized(held_out)[: args.eval_examples]
+
+
+def dynamic_lora_config():
+    return reso_hf.DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=list(ATTENTION),
+                                     tier_ranks=dict(COMPACT_RANKS))
+
+
+def lora_parameters_per_rank(base) -> int:
+    """Trainable parameters of a rank-1 LoRA on q/k/v/o of `base`."""
+    return sum(m.in_features + m.out_features for name, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ATTENTION)
+
+
+def resonant_count(base, switches: dict) -> int:
+    converted = convert_from_llama(base, **switches)
+    return sum(converted.get_parameter(name).numel() for name in resonant_parameter_names(converted))
+
+
+def matched_lora_ranks(base) -> dict:
+    """LoRA ranks whose trainable-parameter counts are nearest to resonant_all's and resonant_dynamic's."""
+    per_rank = lora_parameters_per_rank(base)
+    resonant = resonant_count(base, ALL_SWITCHES)
+    dynamic = dynamic_lora_config().total_rank * per_rank + resonant  # each tier is a LoRA of its rank
+    return {"lora_match_resonant": max(1, round(resonant / per_rank)), "lora_match_dynamic": max(1, round(dynamic / per_rank))}
+
+
+def build_variant(variant: str, base, ranks: dict):
+    """(model ready to train, learning-rate family) for `variant`."""
+    if variant.startswith("lora_match"):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=ranks[variant],
+                                                              lora_alpha=ranks[variant], lora_dropout=0.0,
+                                                              target_modules=list(ATTENTION)))
+        return model, "adapter"
+    if variant == "full_smollm2":
+        model = copy.deepcopy(base)
+        model.requires_grad_(True)
+        return model, "full"
+    converted = convert_from_llama(base, **RESONANT.get(variant, ALL_SWITCHES))
+    if variant == "full_resollm":
+        converted.requires_grad_(True)
+        return converted, "full"
+    resonant = set(resonant_parameter_names(converted))
+    if variant == "resonant_dynamic":
+        model = get_peft_model(converted, dynamic_lora_config())
+        for name, parameter in model.base_model.model.named_parameters():
+            if name in resonant:
+                parameter.requires_grad_(True)
+        return model, "adapter"
+    for name, parameter in converted.named_parameters():
+        parameter.requires_grad_(name in resonant)
+    return converted, "resonant"
+
+
+def resonant_statistics(model) -> dict:
+    """Where training took the resonant parameters: their norms, per kind (0 = still at the identity)."""
+    stats = {}
+    for name, parameter in model.named_parameters():
+        for kind in ("prime_code", "kuramoto", "coherence_gate"):
+            if f".{kind}." in f".{name}":
+                stats.setdefault(kind, 0.0)
+                stats[kind] += float(parameter.detach().float().pow(2).sum())
+    return {kind: math.sqrt(value) for kind, value in stats.items()}
+
+
+def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ranks: dict, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model, family = build_variant(variant, base, ranks)
+    model.train()
+    lr = {"adapter": args.lr, "resonant": args.resonant_lr, "full": args.full_lr}[family]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    before = held_out_loss(model, eval_docs, pad_id, args.eval_batch)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    order, pool, losses = random.Random(seed), [], []
+    start = time.perf_counter()
+    for step in tqdm(range(args.steps), desc=f"{variant} seed {seed}", leave=False):
+        if len(pool) < args.batch:
+            pool = list(train_docs)
+            order.shuffle(pool)
+        batch, pool = pool[: args.batch], pool[args.batch:]
+        loss = model(**collate(batch, pad_id)).loss
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"{variant}: non-finite training loss at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        if variant == "resonant_dynamic":
+            model.base_model.dynamic_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    after = held_out_loss(model, eval_docs, pad_id, args.eval_batch)
+    return {"variant": variant, "seed": seed, "trainable_params": sum(p.numel() for p in parameters), "lr": lr,
+            "loss_before": before, "loss_after": after, "train_losses": losses, "train_seconds": seconds,
+            "resonant_norms": resonant_statistics(model)}
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per variant: mean held-out loss over seeds, and the goal ratios against the plain model."""
+    by_variant = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row)
+    means = {v: sum(r["loss_after"] for r in rs) / len(rs) for v, rs in by_variant.items()}
+    goal = {}
+    for variant, reference in COMPARISONS.items():
+        if variant in means and reference in means:
+            ratio = means[variant] / means[reference]
+            goal[variant] = {"against": reference, "ratio": ratio, "met": ratio <= GOAL_RATIO}
+    return {"mean_loss_after": means, "goal": goal,
+            "goal_met": any(g["met"] for g in goal.values()) if goal else None}
+
+
+def plot(rows: list[dict], stem: Path) -> None:
+    means = summary(rows)["mean_loss_after"]
+    before = {r["variant"]: r["loss_before"] for r in rows}
+    names = [v for v in VARIANTS if v in means]
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    axis.bar(range(len(names)), [before[n] for n in names], color="#cccccc", label="before training")
+    axis.bar(range(len(names)), [means[n] for n in names], color="#4c72b0", width=0.5, label="after (mean of seeds)")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    low = min(means.values()) - 0.1
+    axis.set_ylim(low, max(before.values()) + 0.05)
+    axis.set_ylabel("held-out loss per assistant token")
+    axis.set_title("SmolLM2-135M vs its ResoLLM conversion, equal steps and tokens")
+    axis.legend()
+    figure.tight_layout()
+    atomic_write(stem.with_suffix(".png"), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+
+
+def table(rows: list[dict]) -> str:
+    stats = summary(rows)
+    lines = []
+    for variant in VARIANTS:
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        goal = stats["goal"].get(variant)
+        lines.append([variant, mine[0]["trainable_params"], mine[0]["lr"], mine[0]["loss_before"],
+                      stats["mean_loss_after"][variant], len(mine),
+                      f"{goal['ratio']:.4f} vs {goal['against']}" if goal else ""])
+    return markdown_table(["variant", "trainable", "lr", "loss before", "loss after", "seeds", "ratio"], lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-gguf (default), a .gguf file, a folder or a Hub id")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="guanaco-format JSONL (field 'text')")
+    parser.add_argument("--split", choices=["held_out", "dev"], default="held_out")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=160)
+    parser.add_argument("--eval-examples", type=int, default=48)
+    parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA / DynamicLoRA (+ resonant) learning rate")
+    parser.add_argument("--resonant-lr", type=float, default=1e-3, help="resonant-only learning rate")
+    parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="earlier JSON results: their rows with the "
+                        "same settings are kept and not rerun")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/upcycle_quality[_dev])")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("upcycle_quality" + ("_dev" if args.split == "dev" else ""))
+    return args
+
+
+SETTINGS = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "lr", "resonant_lr", "full_lr"]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = {k: str(getattr(args, k)) for k in SETTINGS}
+    rows = []
+    for path in args.reuse:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier["settings"] == settings:
+            rows += [r for r in earlier["rows"] if r["variant"] in args.variants and r["seed"] in args.seeds]
+    tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base, description = load_causal_lm(args.model)
+    base.requires_grad_(False)
+    train_docs, eval_docs = build_data(args, tokenizer)
+    ranks = matched_lora_ranks(base)
+    print(f"model {description}; {len(train_docs)} train / {len(eval_docs)} evaluated ({args.split}); matched LoRA "
+          f"ranks {ranks}", flush=True)
+    done = {(r["variant"], r["seed"]) for r in rows}
+
+    def report() -> dict:
+        result = {"benchmark": "upcycle_quality", "model": description, "torch": torch.__version__,
+                  "platform": platform.platform(), "threads": args.threads, "settings": settings,
+                  "data": {"train": len(train_docs), "evaluated": len(eval_docs)}, "lora_ranks": ranks,
+                  "rows": rows, **summary(rows)}
+        atomic_write(args.out.with_suffix(".json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2), encoding="utf-8"))
+        return result
+
+    for seed in args.seeds:
+        for variant in args.variants:
+            if (variant, seed) in done:
+                continue
+            rows.append(run_variant(variant, base, train_docs, eval_docs, args, pad_id, ranks, seed))
+            print(f"{variant} seed {seed}: {rows[-1]['loss_before']:.4f} -> {rows[-1]['loss_after']:.4f} "
+                  f"({rows[-1]['train_seconds']:.0f} s)", flush=True)
+            report()  # a crash loses no finished variant
+    result = report()
+    plot(rows, args.out)
+    print(f"\n### Upcycling quality ({args.split} split)\n\n{table(rows)}\n\ngoal: {json.dumps(result['goal'])}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

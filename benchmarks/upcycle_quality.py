@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import platform
@@ -296,6 +297,7 @@ def main(argv=None) -> dict:
             print(f"{variant} seed {seed}: {rows[-1]['loss_before']:.4f} -> {rows[-1]['loss_after']:.4f} "
                   f"({rows[-1]['train_seconds']:.0f} s)", flush=True)
             report()  # a crash loses no finished variant
+            gc.collect()  # the variant's model and optimizer state go before the next one is built
     result = report()
     plot(rows, args.out)
     print(f"\n### Upcycling quality ({args.split} split)\n\n{table(rows)}\n\ngoal: {json.dumps(result['goal'])}")

@@ -185,13 +185,25 @@ def union(model, adapters: Sequence[str], adapter_name: str, weights: Optional[S
     _check_new_name(model, adapter_name)
     adapters, weights, kind = _check_inputs(model, adapters, weights)
     tuner = _tuner(model)
-    if kind == "LORA" and len(adapters) == 1:
-        # PEFT turns a single-adapter "cat" into its "linear" combination, which is exact for one adapter
-        tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type="linear")
-    else:
-        tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat")
+    tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat")
+    if kind == "LORA":
+        _write_lora_concatenation(model, adapters, weights, adapter_name)
     return {"adapter": adapter_name, "operation": "union", "inputs": adapters, "weights": weights,
             "relative_truncation_error": 0.0}
+
+
+@torch.no_grad()
+def _write_lora_concatenation(model, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    """Set the LoRA adapter `adapter_name` to B = [w_1 B_1, ...], A = [A_1; ...] (scalings folded, so exact).
+
+    PEFT's LoRA "cat" builds the right layout but writes factors that are exact only when the new adapter's scaling
+    is 1: with use_rslora it is alpha / sqrt(r) = sqrt(r), and a single adapter goes through "linear" instead.
+    """
+    inputs = {a: adapter_parts(model, a) for a in adapters}
+    for name, parts in adapter_parts(model, adapter_name).items():
+        factors = [(weight * b, a) for adapter, weight in zip(adapters, weights) if name in inputs[adapter]
+                   for b, a in [inputs[adapter][name][0].factors()]]
+        parts[0].write(torch.cat([b for b, _ in factors], dim=1), torch.cat([a for _, a in factors], dim=0))
 
 
 def negate(model, adapter: str, adapter_name: str) -> dict:

@@ -200,3 +200,19 @@ def test_bad_arguments_are_refused_with_the_allowed_values(call, message):
         call(model)
     assert message in str(error.value)
     assert sorted(model.peft_config) == before
+
+
+def test_lora_union_is_exact_with_rslora():
+    # PEFT's own LoRA "cat" assumes the new adapter's scaling alpha / r = 1; with use_rslora it is sqrt(r)
+    def config():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=True, task_type="CAUSAL_LM")
+
+    model = get_peft_model(tiny_llama(0), config(), adapter_name="first")
+    model.add_adapter("second", config())
+    for index, name in enumerate(["first", "second"]):
+        _randomise(model, name, seed=100 + index)
+    algebra.union(model, ["first", "second"], "sum", weights=[1.0, -2.0])
+    algebra.negate(model, "first", "not_first")
+    first, second = algebra.delta_weights(model, "first"), algebra.delta_weights(model, "second")
+    _delta_close(algebra.delta_weights(model, "sum"), {n: first[n] - 2.0 * second[n] for n in first})
+    _delta_close(algebra.delta_weights(model, "not_first"), {n: -d for n, d in first.items()})

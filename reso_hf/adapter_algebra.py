@@ -283,8 +283,7 @@ def intersection(model, adapters: Sequence[str], adapter_name: str, weights: Opt
         raise ValueError(f"majority_sign_method must be one of {list(MAJORITY_SIGN_METHODS)}, got {majority_sign_method!r}.")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ValueError(f"rank must be None or a positive int, got {rank!r}.")
-    # the tuners' "svd" combination builds the result's layout (modules, tiers, ranks); its factors are replaced below
-    _tuner(model).add_weighted_adapter(adapters, weights, adapter_name, combination_type="svd", svd_rank=rank)
+    _add_layout(model, adapters, weights, adapter_name, rank)  # its factors are replaced below
     inputs = {a: adapter_parts(model, a) for a in adapters}
     dropped, total = 0.0, 0.0
     for name, parts in adapter_parts(model, adapter_name).items():
@@ -308,6 +307,30 @@ def intersection(model, adapters: Sequence[str], adapter_name: str, weights: Opt
     error = math.sqrt(dropped / total) if total > 0 else 0.0
     return {"adapter": adapter_name, "operation": "intersection", "inputs": adapters, "weights": weights,
             "density": density, "relative_truncation_error": error}
+
+
+def _add_layout(model, adapters: list[str], weights: list[float], adapter_name: str, rank: Optional[int]) -> None:
+    """Add `adapter_name` adapting every module any input adapts, at `rank` (default: the largest input rank; per
+    tier for DynamicLoRA); the factors are written afterwards.
+
+    LoRA: a copy of the first input's config (PEFT's add_weighted_adapter does the same, but its "svd" would also
+    factorise every weighted sum, which the caller replaces). DynamicLoRA: its "svd" combination, which keeps the
+    tier layout and privacy rules in one place.
+    """
+    tuner = _tuner(model)
+    if adapter_kind(model, adapters[0]) == "DYNAMIC_LORA":
+        tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type="svd", svd_rank=rank)
+        return
+    from dataclasses import replace
+
+    configs = [tuner.peft_config[a] for a in adapters]
+    largest = max(max([c.r, *c.rank_pattern.values()]) for c in configs)
+    modules = sorted({name for a in adapters for name in adapter_parts(model, a)})
+    new_rank = rank or largest
+    config = replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=modules, rank_pattern={},
+                     alpha_pattern={}, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+                     modules_to_save=None, use_rslora=False, use_dora=False, inference_mode=True)
+    model.add_adapter(adapter_name, config)
 
 
 # ----- similarity and clustering ----------------------------------------------------------------------------------

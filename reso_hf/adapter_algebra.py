@@ -159,6 +159,8 @@ def _check_new_name(model, adapter_name: str) -> None:
     tuner = _tuner(model)
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    if "." in adapter_name:
+        raise ValueError(f"adapter_name must not contain '.' (it becomes a torch module name), got {adapter_name!r}.")
     if adapter_name in tuner.peft_config:
         # PEFT's LoRA add_weighted_adapter returns silently on an existing name: say it instead
         raise ValueError(f"adapter_name {adapter_name!r} is already taken (adapters: {sorted(tuner.peft_config)}).")

@@ -186,6 +186,7 @@ def test_dynamic_lora_results_keep_tiers_and_save_as_dynamic_lora(tmp_path):
     (lambda m: algebra.union(m, ["first", "missing"], "x"), "adapter 'missing' does not exist"),
     (lambda m: algebra.union(m, ["first"], "second"), "adapter_name 'second' is already taken"),
     (lambda m: algebra.union(m, ["first", "second"], "x", weights=[1.0]), "one weight per adapter"),
+    (lambda m: algebra.interpolate(m, "first", "second", 0.5, "t0.5"), "adapter_name must not contain '.'"),
     (lambda m: algebra.interpolate(m, "first", "second", float("nan"), "x"), "t must be a finite number"),
     (lambda m: algebra.difference(m, "first", "second", "x", mode="xor"), "mode must be one of ['subtract', 'project']"),
     (lambda m: algebra.difference(m, "first", "second", "x", mode="project", side="up"), "side must be one of"),

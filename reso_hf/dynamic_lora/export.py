@@ -89,8 +89,6 @@ def export_lora(
     (the tier scalings are folded into B), with lora_alpha = r so that LoRA's own scaling alpha / r is 1.
     Plain PEFT loads the folder without reso_hf. Returns a summary (rank, tiers, modules).
     """
-    from peft import LoraConfig
-
     adapter_name = adapter_name or tuner.active_adapters[0]
     config = tuner.peft_config[adapter_name]
     selected = tuner.select_tiers(adapter_name, tiers, include_private)
@@ -107,16 +105,40 @@ def export_lora(
         )
         state[f"base_model.model.{name}.lora_A.weight"] = factor_a
         state[f"base_model.model.{name}.lora_B.weight"] = factor_b
+    write_lora_folder(
+        save_directory, state, rank=rank, target_modules=sorted(layers), fan_in_fan_out=uses_conv1d,
+        task_type=config.task_type, base_model_name_or_path=config.base_model_name_or_path, revision=config.revision,
+    )
+    return {"rank": rank, "tiers": selected, "modules": len(layers), "directory": save_directory}
+
+
+def write_lora_folder(
+    save_directory: str,
+    state: dict[str, torch.Tensor],
+    rank: int,
+    target_modules: list[str],
+    fan_in_fan_out: bool = False,
+    task_type: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
+    revision: Optional[str] = None,
+) -> None:
+    """Write a plain PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), atomically.
+
+    `state` maps "base_model.model.<module>.lora_A.weight" / "...lora_B.weight" to factors that already hold the
+    scaling (B carries it), so the config sets lora_alpha = r: LoRA's own scaling alpha / r is 1.
+    """
+    from peft import LoraConfig
+
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
         lora_dropout=0.0,
         bias="none",
-        target_modules=sorted(layers),
-        fan_in_fan_out=uses_conv1d,
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-        revision=config.revision,
+        target_modules=list(target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
         init_lora_weights=True,
     )
     os.makedirs(save_directory, exist_ok=True)
@@ -129,4 +151,3 @@ def export_lora(
             config_dict[key] = value.value
     config_dict.pop("runtime_config", None)
     atomic_write_json(os.path.join(save_directory, "adapter_config.json"), config_dict)
-    return {"rank": rank, "tiers": selected, "modules": len(layers), "directory": save_directory}

@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .data import CHAT_TEMPLATE_CHOICES
+from .fim import check_rate
 
 MODEL_PRESETS = ("tiny", "small", "medium", "large")
 # What `reso-hf sft --train` trains: a DynamicLoRA adapter; only the resonant components of a ResoLLM (what
@@ -70,8 +71,17 @@ class DataArguments:
     strict: bool = field(default=False, metadata={"help": "Reject a malformed row with an error instead of skipping and counting it."})
     streaming: bool = field(default=False, metadata={
         "help": "Stream the dataset instead of loading it in memory (needs max_steps)."})
+    fim_rate: float = field(default=0.0, metadata={
+        "help": "Fraction of documents rearranged for fill-in-the-middle training (0: none); adds the "
+                "<fim_prefix>/<fim_suffix>/<fim_middle> tokens and grows the embeddings if needed."})
+    fim_spm_rate: float = field(default=0.5, metadata={
+        "help": "Among FIM documents, the fraction in SPM order (suffix, then prefix + middle); the others are PSM."})
+    fim_seed: int = field(default=0, metadata={"help": "Seed of the FIM draws (each document's draw depends on it "
+                                                         "and the document only)."})
 
     def __post_init__(self):
+        check_rate(self.fim_rate, "fim_rate")
+        check_rate(self.fim_spm_rate, "fim_spm_rate")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.block_size < 2:

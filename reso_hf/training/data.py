@@ -217,8 +217,13 @@ def pack_documents(documents: list[tuple[list, list]], block_size: int, pad_toke
     return blocks
 
 
-def _tokenize_batch(batch, tokenizer, template, assistant_only, block_size, packing):
+def _tokenize_batch(batch, tokenizer, template, assistant_only, block_size, packing, fim=None):
+    """fim: None, or {"token_ids", "fim_rate", "spm_rate", "seed"} for `fim.apply_fim` on every document."""
     documents = [tokenize_messages(tokenizer, m, template, assistant_only) for m in batch["messages"]]
+    if fim is not None:
+        from .fim import apply_fim  # fim.py imports this module
+
+        documents = [apply_fim(ids, labels, **fim) for ids, labels in documents]
     if packing:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return pack_documents(documents, block_size, pad)
@@ -529,6 +534,13 @@ def build_datasets(data_args, tokenizer, assistant_only: bool | None = None):
     (packing) or a padding collator (no packing)."""
     assistant_only = data_args.loss_on_assistant_only() if assistant_only is None else assistant_only
     template = resolve_chat_template(tokenizer, data_args.chat_template)
+    fim = None
+    if getattr(data_args, "fim_rate", 0.0) > 0:
+        from .fim import fim_token_ids  # fim.py imports this module
+
+        # the tokenizer must already hold the sentinels (add_fim_tokens, with the model's embeddings grown)
+        fim = {"token_ids": fim_token_ids(tokenizer), "fim_rate": data_args.fim_rate,
+               "spm_rate": data_args.fim_spm_rate, "seed": data_args.fim_seed}
     stats = DataStats()
     train, evaluation = load_raw_splits(data_args)
     result = []
@@ -540,7 +552,7 @@ def build_datasets(data_args, tokenizer, assistant_only: bool | None = None):
         tokenized = parsed.map(
             _tokenize_batch, batched=True, batch_size=1000, remove_columns=["messages"],
             fn_kwargs=dict(tokenizer=tokenizer, template=template, assistant_only=assistant_only,
-                           block_size=data_args.block_size, packing=data_args.packing),
+                           block_size=data_args.block_size, packing=data_args.packing, fim=fim),
         )
         if isinstance(tokenized, Dataset):
             stats.examples[name] = len(tokenized)

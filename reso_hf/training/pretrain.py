@@ -27,6 +27,7 @@ from .. import modeling
 from ..modeling.tokenization_reso_llm import create_default_tokenizer, train_tokenizer
 from .arguments import ArgumentError, DataArguments, PretrainArguments, json_mapping, parse_recipe
 from .data import build_datasets, load_raw_splits
+from .fim import add_fim_tokens
 from ..hub import write_card
 from .reporting import LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
 from .run_folder import prepare_output_dir
@@ -74,6 +75,8 @@ def run(model_args: PretrainArguments, data_args: DataArguments, training_args: 
         return plan.finished_summary
     checkpoint = plan.checkpoint
     tokenizer = build_tokenizer(model_args, data_args, checkpoint)
+    if data_args.fim_rate > 0:
+        add_fim_tokens(tokenizer)  # the model is built afterwards with the tokenizer's size
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     set_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.block_size)

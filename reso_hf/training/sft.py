@@ -42,6 +42,7 @@ from ..dynamic_lora.serialization import atomic_write_bytes
 from ..loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_source
 from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets, check_vocabulary
+from .fim import add_fim_tokens
 from ..hub import write_card
 from .reporting import DYNAMICS_PLOT_NAME, LOSS_PLOT_NAME, RUN_SUMMARY_NAME, run_summary, write_json, write_loss_plot
 from .run_folder import prepare_output_dir
@@ -200,6 +201,10 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     base, tokenizer = load_base(source, sft_args)
     if sft_args.trains_resonant():
         resonant_modules(base, sft_args)  # a ResoLLM with every component off has nothing to train
+    if data_args.fim_rate > 0:
+        # SmolLM2-like tokenizers already hold the sentinels; otherwise they are added and the embeddings grown
+        # (new rows are trained only where the embeddings are: --train full)
+        add_fim_tokens(tokenizer, base)
     check_vocabulary(tokenizer, base, source.name)
     train_dataset, eval_dataset, stats = build_datasets(data_args, tokenizer)
     base.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries

@@ -246,7 +246,13 @@ def test_indexed_memory_reloads_exactly_through_save_pretrained(tmp_path, tokeni
     with open(tmp_path / "config.json", encoding="utf-8") as handle:
         saved = json.load(handle)["temporal_smf"]
     assert (saved["store"], saved["store_compression"]) == ("indexed", "fp16")
-    assert (tmp_path / DATABASE_FILE).is_file() and (tmp_path / "reso_memory.faiss").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    memory_files = [DATABASE_FILE, "reso_memory.faiss", "reso_memory.faiss.json"]
+    assert [os.stat(tmp_path / name).st_mode & 0o777 for name in memory_files] == [0o666 & ~umask] * 3
+    plan = reso_hf.push_to_hub_folder(tmp_path, "user/reso-memory", dry_run=True)
+    assert {name: reason for name, reason in plan.left_out if name in memory_files} == \
+        dict.fromkeys(memory_files, "ResoLLM runtime memory (save_memory=True)")
 
     loaded = reso_hf.ResoLLMForCausalLM.from_pretrained(tmp_path).eval()
     loaded.attach_tokenizer(tokenizer)

@@ -533,7 +533,7 @@ class IndexedMemoryStore:
         self.sync()
         index_path = os.path.join(directory, INDEX_FILE)
         faiss.write_index(self._index, index_path + ".tmp")
-        os.replace(index_path + ".tmp", index_path)
+        _publish(index_path + ".tmp", index_path)
         meta = {"revision": self._indexed_revision, "max_id": self._indexed_max_id, "kind": self._index_kind,
                 "trained_count": self._trained_count}
         _write_json_atomically(os.path.join(directory, INDEX_META_FILE), meta)
@@ -631,13 +631,21 @@ def _backup(source: sqlite3.Connection, target_path: str) -> None:
         target.execute("PRAGMA journal_mode=DELETE")  # a self-contained file: no -wal beside it
     finally:
         target.close()
-    os.replace(temporary, target_path)
+    _publish(temporary, target_path)
+
+
+def _publish(temporary: str, path: str) -> None:
+    """Give the finished temporary file the mode open() would (SQLite creates 0644) and rename it into place."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
 
 
 def _write_bytes_atomically(path: str, data: bytes) -> None:
     with open(path + ".tmp", "wb") as handle:
         handle.write(data)
-    os.replace(path + ".tmp", path)
+    _publish(path + ".tmp", path)
 
 
 def _write_json_atomically(path: str, document: dict) -> None:

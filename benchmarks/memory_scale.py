@@ -16,7 +16,9 @@ codebooks) with the compression ratio of the codes. Then the store itself at fp1
 SQLite (transactions of 10^4), database size, index build time, and `recall` (strength 1 everywhere, so its ranking
 is the cosine's) recall@10 and latency.
 
-    nice -n 10 python benchmarks/memory_scale.py                       # writes results/memory_scale.{json,md,png}
+    nice -n 10 python benchmarks/memory_scale.py --queries 300 --brute_queries 50 --store_max 100000
+                                                # writes results/memory_scale.{json,md,png} (the committed run)
+    nice -n 10 python benchmarks/memory_scale.py --vectors random --sizes 10000 100000   # the worst case
     python benchmarks/memory_scale.py --sizes 10000 --queries 200       # a minute
 """
 
@@ -55,16 +57,19 @@ K = 10
 
 
 class VectorSource:
-    """The seeded mixture described in the module docstring; rows are produced in chunks (10^6 x 256 is 1 GB)."""
+    """The seeded mixture described in the module docstring; rows are produced in chunks (10^6 x 256 is 1 GB).
+    ``random=True``: isotropic Gaussian vectors instead, the worst case (no neighbourhood structure)."""
 
-    def __init__(self, dim: int, seed: int = 0):
+    def __init__(self, dim: int, seed: int = 0, random: bool = False):
         rng = np.random.default_rng(seed)
-        self.dim = dim
+        self.dim, self.random = dim, random
         self.centres = rng.normal(size=(CLUSTERS, LATENT_DIM))
         self.mapping = rng.normal(size=(LATENT_DIM, dim)) / np.sqrt(LATENT_DIM)
 
     def draw(self, count: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
+        if self.random:
+            return rng.normal(size=(count, self.dim)).astype(np.float32)
         latent = self.centres[rng.integers(0, CLUSTERS, count)] + CLUSTER_SPREAD * rng.normal(size=(count, LATENT_DIM))
         return (latent @ self.mapping + NOISE * rng.normal(size=(count, self.dim))).astype(np.float32)
 
@@ -210,7 +215,7 @@ def best_index_row(size: dict, level: str, target: float) -> dict | None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Memory scale ({report['dim']} dimensions, structured vectors; single-query latency, 1 thread)", ""]
+    lines = [f"# Memory scale ({report['dim']} dimensions, {report['vectors']}; single-query latency, 1 thread)", ""]
     for size in report["sizes"]:
         lines += [f"## {size['entries']:,} entries ({size['lists']} IVF lists, {size['queries']} queries, "
                   f"brute force over {size['brute_force_queries']})", "",
@@ -264,15 +269,21 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--brute_queries", type=int, default=100)
     parser.add_argument("--store_probes", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="faiss threads for building (queries use one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="faiss threads for building (queries use one); more threads than free cores make OpenMP "
+                             "spin: on the shared 2-core machine the 10^4 size took 45 s with 1 thread, over 8 min with 2")
     parser.add_argument("--store_max", type=int, default=1_000_000, help="largest N also measured through the store")
     parser.add_argument("--workdir", default=None, help="where the store's database is built (default: temp)")
-    parser.add_argument("--output", default=os.path.join(RESULTS, "memory_scale"))
+    parser.add_argument("--vectors", choices=("structured", "random"), default="structured")
+    parser.add_argument("--output", default=None, help="default: results/memory_scale (random: memory_scale_random)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = os.path.join(RESULTS, "memory_scale" if args.vectors == "structured" else "memory_scale_random")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    source = VectorSource(args.dim)
-    report = {"dim": args.dim, "vectors": "structured: 1000-cluster Gaussian mixture in 32 latent dims, linear map, "
-              "noise 0.1", "k": K, "faiss": faiss_module().__version__, "cpu_count": os.cpu_count(), "sizes": []}
+    source = VectorSource(args.dim, random=args.vectors == "random")
+    description = ("structured: 1000-cluster Gaussian mixture in 32 latent dims, linear map, noise 0.1"
+                   if args.vectors == "structured" else "random: isotropic Gaussian")
+    report = {"dim": args.dim, "vectors": description, "k": K, "faiss": faiss_module().__version__, "cpu_count": os.cpu_count(), "sizes": []}
 
     def log(message):
         print(message, flush=True)

@@ -17,6 +17,7 @@ COMPRESSIONS = ("fp32", "fp16", "int8", "pq")
 PQ_SUBVECTOR_DIM = 4  # dimensions per PQ sub-quantiser: d/4 bytes a vector, a 16x compression of fp32
 MAX_TRAINING_POINTS_PER_LIST = 40  # k-means sample per inverted list (faiss warns below 39)
 KMEANS_ITERATIONS = 10  # faiss defaults to 25; past 10 the lists barely move and training is 2.5x slower
+PQ_TRAINING_POINTS_PER_CENTROID = 64  # PQ codebooks (256 centroids per sub-quantiser) train on 16,384 points
 
 
 def faiss_module():
@@ -69,6 +70,7 @@ def build_exact_index(dim: int, compression: str):
         inner = faiss.IndexFlatIP(dim)
     elif compression == "pq":
         inner = faiss.IndexPQ(dim, dim // PQ_SUBVECTOR_DIM, 8, metric)
+        _limit_pq_training(inner.pq)
     else:
         inner = faiss.IndexScalarQuantizer(dim, _scalar_quantiser_type(faiss, compression), metric)
     return faiss.IndexIDMap2(inner)
@@ -86,12 +88,18 @@ def build_ivf_index(dim: int, compression: str, lists: int):
     elif compression == "pq":
         index = faiss.IndexIVFPQ(coarse, dim, lists, dim // PQ_SUBVECTOR_DIM, 8, metric)
         index.by_residual = True
+        _limit_pq_training(index.pq)
     else:
         index = faiss.IndexIVFScalarQuantizer(coarse, dim, lists, _scalar_quantiser_type(faiss, compression), metric)
     index.cp.seed = 1234  # k-means initialisation: same data, same index
     index.cp.max_points_per_centroid = MAX_TRAINING_POINTS_PER_LIST
     index.cp.niter = KMEANS_ITERATIONS
     return index
+
+
+def _limit_pq_training(product_quantiser) -> None:
+    product_quantiser.cp.niter = KMEANS_ITERATIONS
+    product_quantiser.cp.max_points_per_centroid = PQ_TRAINING_POINTS_PER_CENTROID
 
 
 def training_sample(vectors: np.ndarray, lists: int, seed: int = 0) -> np.ndarray:

@@ -232,7 +232,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"Store (SQLite + {s['index']} index, fp16, {s['probes']} probes): insert {s['insert_s']:.1f} s "
                   f"({s['inserts_per_s']:,.0f}/s), index build {s['index_build_s']:.1f} s, database "
                   f"{s['database_mb']:.0f} MB, recall@10 {s['recall_at_10']:.3f}, p50 {s['p50_ms']:.2f} ms, "
-                  f"p99 {s['p99_ms']:.2f} ms ({s['speedup']:.0f}x brute force). Peak RSS {size['peak_rss_mb']:.0f} MB.",
+                  f"p99 {s['p99_ms']:.2f} ms ({s['speedup']:.1f}x brute force). Peak RSS {size['peak_rss_mb']:.0f} MB.",
                   ""]
     return "\n".join(lines)
 

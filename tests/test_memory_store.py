@@ -66,6 +66,21 @@ def test_strength_decays_for_episodic_entries_only_and_pruning_follows_the_thres
     assert [r.text for r in store.records(kind="semantic")] == ["a fact"]
 
 
+def test_consolidation_turns_often_recalled_episodes_into_semantic_memory(tmp_path):
+    store = new_store(tmp_path)
+    keys = rows(2, seed=4)
+    often = store.add(keys[0], orientation(), 0.5, "recalled often")
+    store.add(keys[1], orientation(), 0.5, "never recalled")
+    for _ in range(3):
+        store.recall(keys[0], k=1)
+    assert store.consolidate(min_accesses=3) == [often.entry_id]
+    assert [r.text for r in store.records(kind="semantic")] == ["recalled often"]
+    store.advance(50)  # the episode left fades below the threshold; the consolidated one does not
+    store.prune()
+    assert [r.text for r in store.records()] == ["recalled often"]
+    assert store.recall(keys[0], k=1, kind="semantic")[0][1] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_capacity_evicts_the_weakest_and_recall_ranks_by_cosine_times_strength(tmp_path):
     store = new_store(tmp_path, capacity=3)
     keys = rows(4, seed=1)

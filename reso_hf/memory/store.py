@@ -331,6 +331,21 @@ class IndexedMemoryStore:
                                          [(i, transaction.revision) for i in doomed])
         return doomed
 
+    def consolidate(self, min_accesses: int) -> list[int]:
+        """Turn the episodic entries recalled at least ``min_accesses`` times into semantic ones (they then decay at
+        `semantic_decay_rate` from their creation step); returns their ids."""
+        if isinstance(min_accesses, bool) or not isinstance(min_accesses, int) or min_accesses < 1:
+            raise ValueError(f"min_accesses must be an int >= 1, got {min_accesses!r}")
+        with self._write(changes_entries=False):  # the keys, and so the index, stay as they are
+            rows = self._connection.execute(
+                "SELECT id, importance, created_at FROM entries WHERE kind = 'episodic' AND access_count >= ? "
+                "ORDER BY id", (min_accesses,)).fetchall()
+            self._connection.executemany(
+                "UPDATE entries SET kind = 'semantic', anchor = ? WHERE id = ?",
+                [(_log(importance) + self.semantic_decay_rate * created, entry_id)
+                 for entry_id, importance, created in rows])
+        return [row[0] for row in rows]
+
     # reading -----------------------------------------------------------------------------------------------------------
     _COLUMNS = "id, kind, text, importance, created_at, episode, access_count, key, key_scale, orientation"
 

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from usearch.index import Index
 
     source = VectorSource(args.dim)
-    vectors = normalise(source.stored(args.entries))
+    vectors = source.stored_unit(args.entries)
     queries = normalise(source.draw(args.queries, seed=999))
     ids = np.arange(args.entries, dtype=np.int64)
     exact = build_exact_index(args.dim, "fp32")

@@ -73,9 +73,15 @@ class VectorSource:
         latent = self.centres[rng.integers(0, CLUSTERS, count)] + CLUSTER_SPREAD * rng.normal(size=(count, LATENT_DIM))
         return (latent @ self.mapping + NOISE * rng.normal(size=(count, self.dim))).astype(np.float32)
 
-    def stored(self, count: int) -> np.ndarray:
-        return np.concatenate([self.draw(min(100_000, count - start), seed=1 + start // 100_000)
-                               for start in range(0, count, 100_000)])
+    def stored_unit(self, count: int) -> np.ndarray:
+        """``count`` stored vectors scaled to unit length, filled in place chunk by chunk (one copy in memory: the
+        10^6 size was killed for memory on the shared machine when chunks, their concatenation and the normalised
+        copy coexisted)."""
+        vectors = np.empty((count, self.dim), dtype=np.float32)
+        for start in range(0, count, 100_000):
+            stop = min(start + 100_000, count)
+            vectors[start:stop] = normalise(self.draw(stop - start, seed=1 + start // 100_000))
+        return vectors
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -100,7 +106,7 @@ def measure_size(count: int, source: VectorSource, args, log) -> dict:
     size_started = time.perf_counter()
     dim = source.dim
     started = time.perf_counter()
-    vectors = normalise(source.stored(count))
+    vectors = source.stored_unit(count)
     queries = normalise(source.draw(args.queries, seed=999))
     brute_queries = queries[: args.brute_queries]
     faiss.omp_set_num_threads(args.threads)
@@ -274,6 +280,8 @@ def main(argv=None) -> None:
                              "spin: on the shared 2-core machine the 10^4 size took 45 s with 1 thread, over 8 min with 2")
     parser.add_argument("--store_max", type=int, default=1_000_000, help="largest N also measured through the store")
     parser.add_argument("--workdir", default=None, help="where the store's database is built (default: temp)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the sizes already in the output JSON that this run does not measure")
     parser.add_argument("--vectors", choices=("structured", "random"), default="structured")
     parser.add_argument("--output", default=None, help="default: results/memory_scale (random: memory_scale_random)")
     args = parser.parse_args(argv)
@@ -288,8 +296,13 @@ def main(argv=None) -> None:
     def log(message):
         print(message, flush=True)
 
+    if args.resume and os.path.isfile(args.output + ".json"):
+        with open(args.output + ".json", encoding="utf-8") as handle:
+            kept = json.load(handle)["sizes"]
+        report["sizes"] = [size for size in kept if size["entries"] not in args.sizes]
     for count in args.sizes:
         report["sizes"].append(measure_size(count, source, args, log))
+        report["sizes"].sort(key=lambda size: size["entries"])
         with open(args.output + ".json.tmp", "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
         os.replace(args.output + ".json.tmp", args.output + ".json")

@@ -248,6 +248,7 @@ def figure(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = report["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
@@ -260,6 +261,8 @@ def figure(report: dict, path: str) -> None:
         axis.axhline(0.95, color="grey", linestyle=":")
         axis.axvline(50, color="grey", linestyle=":")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("speed-up over fp32 brute force (p50)")
         axis.set_ylabel("recall@10")
         axis.set_title(f"{size['entries']:,} entries")

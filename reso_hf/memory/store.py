@@ -486,7 +486,15 @@ class IndexedMemoryStore:
     # index -------------------------------------------------------------------------------------------------------------
     def sync(self) -> None:
         """Bring this process's index up to the database's revision: rebuild when the index kind or size class
-        changes, otherwise add the new rows and remove the tombstoned ones."""
+        changes, otherwise add the new rows and remove the tombstoned ones. The reads share one snapshot (a read
+        transaction), so rows another process commits meanwhile wait for the next sync."""
+        self._connection.execute("BEGIN")
+        try:
+            self._sync_in_snapshot()
+        finally:
+            self._connection.execute("COMMIT")
+
+    def _sync_in_snapshot(self) -> None:
         revision = self.revision()
         if revision == self._indexed_revision:
             return

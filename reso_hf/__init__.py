@@ -41,4 +41,14 @@ from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraMod
 register_dynamic_lora()
 
 # Hub sharing (SPEC §7): model/adapter cards and push; importing it installs the card-writing save hooks.
+# The indexed SMF memory (issue 15): registers temporal_smf.store="indexed"; faiss/networkx load only when used.
+from .memory.backend import IndexedSMFMemory, open_memory_store
+from .memory.store import IndexedMemoryStore
+
+
+def verify_statement(model, statement, evidence=None, k=None, tokenizer=None) -> dict:
+    """Fact verification of ``statement`` with ``model``: see `ResoLLMForCausalLM.verify_statement`."""
+    return model.verify_statement(statement, evidence=evidence, k=k, tokenizer=tokenizer)
+
+
 from .hub import push_to_hub_folder, render_adapter_card, render_model_card, write_card

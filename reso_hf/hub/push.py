@@ -10,7 +10,8 @@ Left out (reason shown by the dry run):
 - training state: optimizer / scheduler / scaler / RNG state, trainer_state.json, training_args.*,
   checkpoint-*/ and runs/ folders; the DynamicLoRA dynamics state (dynamic_lora_state.*) and audit log
   (dynamic_lora_audit.jsonl), and a ResoLLM's saved runtime memory (reso_state.*: goals, episodic memory,
-  bindings, written only by `save_pretrained(save_memory=True)`) unless `include_training_state=True`;
+  bindings; reso_memory.*: the indexed memory store; written only by `save_pretrained(save_memory=True)`) unless
+  `include_training_state=True`;
 - anything that is not safetensors/JSON/text (pickles: *.bin, *.pt, *.pth, *.pkl, *.ckpt);
 - hidden files and folders, __pycache__, temporary files (*.tmp).
 An adapter whose weights hold a tier marked private is refused unless `include_private=True`.
@@ -45,6 +46,9 @@ DYNAMICS_STATE_PATTERNS = (
     ("dynamic_lora_audit.jsonl", "DynamicLoRA audit log"),
     ("reso_state.safetensors", "ResoLLM runtime memory (save_memory=True)"),
     ("reso_state.json", "ResoLLM runtime memory (save_memory=True)"),
+    ("reso_memory.sqlite", "ResoLLM runtime memory (save_memory=True)"),
+    ("reso_memory.faiss", "ResoLLM runtime memory (save_memory=True)"),
+    ("reso_memory.faiss.json", "ResoLLM runtime memory (save_memory=True)"),
 )
 UNSAFE_PATTERNS = (
     ("*.bin", "pickle format"), ("*.pt", "pickle format"), ("*.pth", "pickle format"), ("*.pkl", "pickle format"),

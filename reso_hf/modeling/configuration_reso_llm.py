@@ -12,6 +12,8 @@ from transformers import LlamaConfig, PretrainedConfig
 RESO_HF_VERSION = "0.1.0"
 GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
 ROPE_SPECTRA = ("geometric", "golden")
+MEMORY_STORES = ("list", "indexed")
+MEMORY_STORE_COMPRESSIONS = ("fp32", "fp16", "int8")
 
 
 def _check(condition: bool, field_name: str, value, allowed: str):
@@ -58,6 +60,8 @@ class _SubConfig:
             elif kind == "range":
                 low, high = f.metadata["range"]
                 _check_range(owner, f.name, value, low, high, f.metadata.get("low_open", False))
+            elif kind == "choice":
+                _check(value in f.metadata["choices"], f"{owner}{f.name}", value, f"one of {f.metadata['choices']}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +88,10 @@ def _flag(default: bool, help: str):
 
 def _count(default: int, help: str, minimum: int = 1):
     return field(default=default, metadata={"kind": "int", "min": minimum, "help": help})
+
+
+def _choice(default: str, choices: tuple, help: str):
+    return field(default=default, metadata={"kind": "choice", "choices": choices, "help": help})
 
 
 def _number(default: float, low: float, high: float, help: str, low_open: bool = False):
@@ -126,6 +134,10 @@ class TemporalSMFConfig(_SubConfig):
     episodic_tagging: bool = _flag(True, "Tag entries with an episode id.")
     importance_threshold: float = _number(0.01, 0.0, 1.0, "Entries whose strength falls below this are pruned.")
     recall_k: int = _count(3, "Number of recalled entries that enter attention as prefix slots.")
+    store: str = _choice("list", MEMORY_STORES, "Where entries live: 'list' (in the model object, searched by brute "
+                         "force) or 'indexed' (SQLite + ANN index; needs `import reso_hf` and the `memory` extra).")
+    store_compression: str = _choice("fp16", MEMORY_STORE_COMPRESSIONS, "Stored key precision of the indexed store.")
+    semantic_decay_rate: float = _number(0.0, 0.0, 10.0, "Decay rate of semantic (consolidated) entries.")
 
 
 @dataclass

@@ -501,6 +501,10 @@ class ResoGenerateOutput(GenerateDecoderOnlyOutput):
     warnings (`list[list[dict]]`): each with "step", "type", "message" (never printed).
     generation_time_ms (`list[float]`): wall time of the whole `generate` call.
     tokens_generated (`list[int]`): new tokens of the sequence up to and including its first EOS.
+    fact_verification (`list[dict | None]`): with `temporal_smf.enabled`, the generated tokens (before EOS) scored
+        by `model.verify_statement` against the memories recalled for them: {"score", "log_likelihood_with",
+        "log_likelihood_without", "evidence", "statement_tokens"}; None for a row when the memory is empty, nothing was
+        generated, or no tokenizer is attached (then a warning says so); None for every row with the memory off.
     """
 
     stability: list | None = None
@@ -514,11 +518,12 @@ class ResoGenerateOutput(GenerateDecoderOnlyOutput):
     warnings: list | None = None
     generation_time_ms: list | None = None
     tokens_generated: list | None = None
+    fact_verification: list | None = None
 
 
 TELEMETRY_FIELDS = ("stability", "lyapunov", "entropy_trace", "lyapunov_trace", "temperature_trace",
                     "coherence_trace", "goals_achieved", "attention_summary", "warnings", "generation_time_ms",
-                    "tokens_generated")
+                    "tokens_generated", "fact_verification")
 
 
 class _CoherenceRecorder:
@@ -660,6 +665,20 @@ class ResoLLMGenerationMixin(GenerationMixin):
         return self._reso_generate(inputs, generation_config, logits_processor, stopping_criteria, kwargs, seed,
                                    bool(keep_window), stability_on, resonance_on, wants_dict)
 
+    def _fact_verification(self, new_tokens: torch.LongTensor, eos_ids: list[int], warnings: list):
+        """`verify_statement` of one row's generated tokens (EOS dropped) against the memory, or None (see
+        `ResoGenerateOutput.fact_verification`)."""
+        if not self.config.temporal_smf.enabled:
+            return None
+        statement = [t for t in new_tokens.tolist() if t not in eos_ids]
+        if not statement or len(self.reso_state.memory) == 0:
+            return None
+        if self.tokenizer is None:
+            warnings.append({"step": len(statement), "type": "fact_verification",
+                             "message": "fact verification needs a tokenizer for the evidence: call attach_tokenizer()"})
+            return None
+        return self.verify_statement(statement)
+
     def _beam_search_requested(self, generation_config, kwargs) -> bool:
         effective, _ = self._prepare_generation_config(generation_config, **dict(kwargs))
         return (effective.num_beams or 1) > 1
@@ -733,6 +752,9 @@ class ResoLLMGenerationMixin(GenerationMixin):
             telemetry["attention_summary"].append(summaries[row])
             telemetry["generation_time_ms"].append(elapsed_ms)
             telemetry["tokens_generated"].append(length)
+            telemetry["fact_verification"].append(self._fact_verification(
+                sequences[row, prompt_length:prompt_length + length], _eos_list(effective.eos_token_id),
+                summary["warnings"]))
         base = {key: value for key, value in result.items()}
         return ResoGenerateOutput(**base, **telemetry)
 

@@ -774,6 +774,11 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         if tokenizer is None:
             raise ValueError("no tokenizer: pass tokenizer=..., call attach_tokenizer(), or use ResoLLMInference")
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        return self._ids_vector(ids)
+
+    @torch.no_grad()
+    def _ids_vector(self, ids: torch.LongTensor) -> torch.Tensor:
+        """Mean final hidden state of the (1, T) token ids, no goal or memory slots."""
         was_training = self.training
         self.eval()
         hidden = self.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -848,8 +853,12 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
             return None
         return torch.stack([b.key for b in bindings]), torch.stack([b.value for b in bindings])
 
-    def update_memory(self, text: str, importance: float = 1.0, tokenizer=None) -> MemoryEntry:
-        """Store ``text`` in the Temporal SMF memory (key = mean hidden state, orientation on 16 axes)."""
+    def update_memory(self, text: str, importance: float = 1.0, tokenizer=None, kind: str = "episodic",
+                      relations=None) -> MemoryEntry:
+        """Store ``text`` in the Temporal SMF memory (key = mean hidden state, orientation on 16 axes).
+
+        ``kind`` is "episodic" (decays at `memory_decay_rate`) or "semantic" (at `semantic_decay_rate`);
+        ``relations``, (subject, relation, object) triples of the knowledge graph, need `temporal_smf.store="indexed"`."""
         self._require("temporal_smf", "update_memory")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"memory text must be a non-empty string, got {text!r}")
@@ -858,7 +867,7 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         key = self.text_vector(text, tokenizer)
         with torch.no_grad():
             orientation = torch.tanh(self.memory_orientation(key.to(self.memory_orientation.weight)))
-        return self.reso_state.memory.add(key, orientation, importance, text)
+        return self.reso_state.memory.add(key, orientation, importance, text, kind, relations or ())
 
     def recall(self, query, k: int | None = None, tokenizer=None) -> list[tuple[MemoryEntry, float]]:
         """Top-k memories by cosine x strength for a text or vector query; they become the memory
@@ -874,6 +883,65 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
 
     def clear_memory_context(self) -> None:
         self.reso_state.memory_context = []
+
+    @torch.no_grad()
+    def statement_log_likelihood(self, statement_ids, context_ids) -> float:
+        """sum_i log p(statement_i | context, statement_<i) under this model (float64 log-softmax), with the goal
+        prefix slots but without memory prefix slots (the evidence must come only from the context)."""
+        statement_ids, context_ids = list(statement_ids), list(context_ids)
+        if not statement_ids or not context_ids:
+            raise ValueError("statement and context must each hold at least one token")
+        ids = torch.tensor([context_ids + statement_ids], device=self.device)
+        saved_context = self.reso_state.memory_context
+        self.reso_state.memory_context = []
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(input_ids=ids, use_cache=False).logits[0]
+        finally:
+            self.reso_state.memory_context = saved_context
+            self.train(was_training)
+        predicting = logits[len(context_ids) - 1: -1].double()  # the positions whose next token is the statement's
+        targets = ids[0, len(context_ids):]
+        return float(torch.log_softmax(predicting, dim=-1).gather(-1, targets[:, None]).sum())
+
+    def verify_statement(self, statement, evidence=None, k: int | None = None, tokenizer=None) -> dict:
+        """Fact verification: how much the evidence raises the model's own likelihood of ``statement``.
+
+        score = log p(statement | start, evidence) - log p(statement | start), both sums over the statement's tokens,
+        with start the BOS token (EOS when there is none) and the evidence texts joined by newlines and followed by
+        one. ``statement`` is a string or token ids; ``evidence`` a list of texts, or None to recall the top-``k``
+        (default `recall_k`) memories by the statement's own vector (the memory context is left as it is).
+        Returns {"score", "log_likelihood_with", "log_likelihood_without", "evidence", "statement_tokens"}."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=..., call attach_tokenizer(), or use ResoLLMInference")
+        if isinstance(statement, str):
+            if not statement.strip():
+                raise ValueError(f"statement must be a non-empty string or token ids, got {statement!r}")
+            statement_ids = tokenizer(statement, add_special_tokens=False)["input_ids"]
+        else:
+            statement_ids = [int(t) for t in statement]
+        if not statement_ids:
+            raise ValueError("statement has no tokens")
+        start = self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
+        if start is None:
+            raise ValueError("verify_statement needs config.bos_token_id or config.eos_token_id as the start token")
+        if evidence is None:
+            self._require("temporal_smf", "verify_statement")
+            k = self.config.temporal_smf.recall_k if k is None else k
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"k must be an int >= 1, got {k!r}")
+            vector = self._ids_vector(torch.tensor([statement_ids], device=self.device))
+            evidence = [entry.text for entry, _ in self.reso_state.memory.recall(vector, k)]
+        elif isinstance(evidence, str) or not all(isinstance(e, str) for e in evidence):
+            raise ValueError(f"evidence must be a list of strings or None, got {evidence!r}")
+        evidence = list(evidence)
+        evidence_ids = tokenizer("\n".join(evidence) + "\n", add_special_tokens=False)["input_ids"] if evidence else []
+        without = self.statement_log_likelihood(statement_ids, [start])
+        with_evidence = self.statement_log_likelihood(statement_ids, [start] + evidence_ids)
+        return {"score": with_evidence - without, "log_likelihood_with": with_evidence,
+                "log_likelihood_without": without, "evidence": evidence, "statement_tokens": len(statement_ids)}
 
     # ---------------------------------------------------------------------------------------------
     # Goal progress and attention foci (SPEC §3.6), reported in ResoGenerateOutput

@@ -19,6 +19,24 @@ SMF_AXES = (
 )
 STATE_TENSORS_FILE = "reso_state.safetensors"
 STATE_JSON_FILE = "reso_state.json"
+MEMORY_KINDS = ("episodic", "semantic")
+
+# Memory stores other than the built-in list, by `temporal_smf.store` name. Each backend has `for_config(config)` and
+# `load_snapshot(directory, document, config)`; its stores have `save_snapshot(directory)` and `entries_by_id(ids)`
+# besides the list store's methods. reso_hf registers "indexed" (reso_hf/memory/backend.py) when imported: a
+# checkpoint loaded as remote code without reso_hf installed has only the list.
+MEMORY_STORE_BACKENDS: dict = {}
+
+
+def register_memory_store(name: str, backend) -> None:
+    MEMORY_STORE_BACKENDS[name] = backend
+
+
+def memory_store_backend(name: str):
+    if name not in MEMORY_STORE_BACKENDS:
+        raise ValueError(f"temporal_smf.store={name!r} needs the reso_hf package with its memory extra (pip install "
+                         f"'reso-hf[memory]', then import reso_hf); available here: {('list', *MEMORY_STORE_BACKENDS)}")
+    return MEMORY_STORE_BACKENDS[name]
 
 
 @dataclass(eq=False)  # identity equality: fields hold tensors
@@ -54,6 +72,8 @@ class MemoryEntry:
     created_at: int
     episode: int
     text: str
+    kind: str = "episodic"  # "semantic" entries decay at temporal_smf.semantic_decay_rate
+    entry_id: int | None = None  # the indexed store's id; None in the list store
 
     def axes(self) -> dict:
         """The 16 named sedenion axes of this memory's orientation."""
@@ -80,8 +100,9 @@ def _check_text(value, field_name: str) -> str:
 class MemoryStore:
     """Entries with strength importance * exp(-decay * age); age counts model steps."""
 
-    def __init__(self, decay_rate: float, capacity: int, prune_below: float):
+    def __init__(self, decay_rate: float, capacity: int, prune_below: float, semantic_decay_rate: float = 0.0):
         self.decay_rate = decay_rate
+        self.semantic_decay_rate = semantic_decay_rate
         self.capacity = capacity
         self.prune_below = prune_below
         self.entries: list[MemoryEntry] = []
@@ -89,17 +110,25 @@ class MemoryStore:
         self.episode = 0
 
     def strength(self, entry: MemoryEntry) -> float:
-        return entry.importance * math.exp(-self.decay_rate * (self.step - entry.created_at))
+        rate = self.decay_rate if entry.kind == "episodic" else self.semantic_decay_rate
+        return entry.importance * math.exp(-rate * (self.step - entry.created_at))
 
     def advance(self, steps: int) -> None:
         self.step += steps
 
-    def add(self, key, orientation, importance: float, text: str) -> MemoryEntry:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, key, orientation, importance: float, text: str, kind: str = "episodic", relations=()) -> MemoryEntry:
         if isinstance(importance, bool) or not isinstance(importance, (int, float)) or not 0 <= importance <= 1:
             raise ValueError(f"importance must be a number in [0, 1], got {importance!r}")
+        if kind not in MEMORY_KINDS:
+            raise ValueError(f"kind={kind!r} is invalid: expected one of {MEMORY_KINDS}")
+        if relations:
+            raise ValueError("relations need temporal_smf.store='indexed': the list store keeps no knowledge graph")
         self.step += 1
         entry = MemoryEntry(key.detach().float().cpu(), orientation.detach().float().cpu(), float(importance),
-                            self.step, self.episode, text)
+                            self.step, self.episode, text, kind)
         self.entries.append(entry)
         self.prune()
         return entry
@@ -137,7 +166,11 @@ class ResoState:
         self.foci: list[AttentionFocus] = []
         self.bindings: dict[str, ConceptBinding] = {}
         smf = self.config.temporal_smf
-        self.memory = MemoryStore(smf.memory_decay_rate, smf.max_moments, smf.importance_threshold)
+        if smf.store == "list":
+            self.memory = MemoryStore(smf.memory_decay_rate, smf.max_moments, smf.importance_threshold,
+                                      smf.semantic_decay_rate)
+        else:  # a new, empty store of its own (an attached shared database is left as it is on disk)
+            self.memory = memory_store_backend(smf.store).for_config(self.config)
         self.memory_context: list[MemoryEntry] = []
 
     # goals -------------------------------------------------------------------------------------
@@ -167,18 +200,23 @@ class ResoState:
         for i, goal in enumerate(self.goals):
             tensors[f"goal.{i}"] = goal.vector
             goals.append({k: v for k, v in asdict(goal).items() if k != "vector"})
-        for i, entry in enumerate(self.memory.entries):
-            tensors[f"memory.{i}.key"] = entry.key
-            tensors[f"memory.{i}.orientation"] = entry.orientation
-            memories.append({k: v for k, v in asdict(entry).items() if k not in ("key", "orientation")})
+        store_document = None
+        if isinstance(self.memory, MemoryStore):
+            for i, entry in enumerate(self.memory.entries):
+                tensors[f"memory.{i}.key"] = entry.key
+                tensors[f"memory.{i}.orientation"] = entry.orientation
+                memories.append({k: v for k, v in asdict(entry).items() if k not in ("key", "orientation")})
+            context = [self.memory.entries.index(m) for m in self.memory_context if m in self.memory.entries]
+        else:  # the store writes its own files; the context is kept as entry ids
+            store_document = {"backend": self.config.temporal_smf.store, **self.memory.save_snapshot(directory)}
+            context = [m.entry_id for m in self.memory_context]
         for i, binding in enumerate(self.bindings.values()):
             tensors[f"binding.{i}.key"] = binding.key
             tensors[f"binding.{i}.value"] = binding.value
             bindings.append({"name": binding.name, "prime": str(binding.prime), "slot": binding.slot})
-        context = [self.memory.entries.index(m) for m in self.memory_context if m in self.memory.entries]
         document = {"goals": goals, "next_goal_id": self.next_goal_id, "memories": memories,
                     "memory_step": self.memory.step, "memory_episode": self.memory.episode,
-                    "memory_context": context, "bindings": bindings}
+                    "memory_context": context, "bindings": bindings, "memory_store": store_document}
         _atomic(os.path.join(directory, STATE_TENSORS_FILE),
                 lambda path: save_file({k: v.contiguous() for k, v in tensors.items()}, path))
         _atomic(os.path.join(directory, STATE_JSON_FILE), lambda path: _write_json(path, document))
@@ -189,12 +227,22 @@ class ResoState:
         tensors = load_file(os.path.join(directory, STATE_TENSORS_FILE))
         self.goals = [Goal(vector=tensors[f"goal.{i}"], **g) for i, g in enumerate(document["goals"])]
         self.next_goal_id = document["next_goal_id"]
-        self.memory.entries = [
-            MemoryEntry(key=tensors[f"memory.{i}.key"], orientation=tensors[f"memory.{i}.orientation"], **m)
-            for i, m in enumerate(document["memories"])
-        ]
-        self.memory.step, self.memory.episode = document["memory_step"], document["memory_episode"]
-        self.memory_context = [self.memory.entries[i] for i in document["memory_context"]]
+        store_document = document.get("memory_store")
+        if store_document is not None:
+            backend = memory_store_backend(store_document["backend"])
+            self.memory = backend.load_snapshot(directory, store_document, self.config)
+            self.memory.step, self.memory.episode = document["memory_step"], document["memory_episode"]
+            self.memory_context = self.memory.entries_by_id(document["memory_context"])
+        else:
+            if not isinstance(self.memory, MemoryStore):
+                raise ValueError(f"{directory} holds a list memory but temporal_smf.store="
+                                 f"{self.config.temporal_smf.store!r}; load it with temporal_smf.store='list'")
+            self.memory.entries = [
+                MemoryEntry(key=tensors[f"memory.{i}.key"], orientation=tensors[f"memory.{i}.orientation"], **m)
+                for i, m in enumerate(document["memories"])
+            ]
+            self.memory.step, self.memory.episode = document["memory_step"], document["memory_episode"]
+            self.memory_context = [self.memory.entries[i] for i in document["memory_context"]]
         self.bindings = {
             b["name"]: ConceptBinding(b["name"], int(b["prime"]), tensors[f"binding.{i}.key"],
                                       tensors[f"binding.{i}.value"], b["slot"])

@@ -125,8 +125,23 @@ DYNAMIC_VARIANTS = {
     # source tier per tick, so that migration (consolidation into the slow tiers) fully engages in 80 steps
     "dynamic_migration_unthrottled": {"migration_bandwidth": {t: 1.0 for t in ("context", "agent", "swarm", "domain")}},
 }
+# Consolidation (issue 20): dynamic_on plus model.base_model.consolidate() at every task boundary (after each task but
+# the last, before that stage's evaluation: the truncation is part of the method), and its ablations
+CONSOLIDATING_VARIANTS = {
+    "dynamic_consolidate": {},
+    "dynamic_consolidate_column": {"protected_subspace": "column"},
+    "dynamic_consolidate_row": {"protected_subspace": "row"},
+    "dynamic_consolidate_both": {"protected_subspace": "both"},
+    "dynamic_consolidate_ewc": {"importance_damping": 1.0},
+    "dynamic_consolidate_m1": {"consolidation_memory_tiers": 1},
+    "dynamic_consolidate_horizon": {"dynamics_horizon": "steps"},
+}
+DYNAMIC_VARIANTS.update(CONSOLIDATING_VARIANTS)
+# budget-scaled dynamics without consolidation: windows, bandwidths and resonance EMA from the per-task budget
+DYNAMIC_VARIANTS["dynamic_horizon"] = {"dynamics_horizon": "steps"}
 ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
-ALL_METHODS = METHODS + ["dynamic_v1", "dynamic_decay_inertia", "dynamic_migration_unthrottled"] + ABLATIONS
+ALL_METHODS = (METHODS + ["dynamic_v1", "dynamic_decay_inertia", "dynamic_migration_unthrottled", "dynamic_horizon"]
+               + ABLATIONS + list(CONSOLIDATING_VARIANTS))
 DEFAULT_METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "dynamic_v1", "lora_low_lr", "full_ft"]
 COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
 
@@ -315,6 +330,8 @@ def dynamic_config(args, variant: str = "dynamic_on"):
     config.alpha = float(max(config.rank_of(t) for t in config.tiers))
     if overrides.pop("tier_alpha", None) == "rank":
         overrides["tier_alpha"] = {t: float(config.rank_of(t)) for t in config.tiers}
+    if overrides.get("dynamics_horizon") == "steps":
+        overrides["dynamics_horizon"] = args.steps
     for name, value in overrides.items():
         setattr(config, name, value)
     config._validate()
@@ -388,6 +405,10 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
             losses.append(float(loss.detach()))
             if method in DYNAMIC_VARIANTS and (step + 1) % args.log_every == 0:
                 dynamics_log.append({"task": task["name"], "step": step + 1, **dynamic_snapshot(model)})
+        if method in CONSOLIDATING_VARIANTS and stage < len(tasks) - 1:
+            report = model.base_model.consolidate(optimizer=optimizer)
+            dynamics_log.append({"task": task["name"], "step": args.steps, "consolidation": {
+                k: v for k, v in report.items() if k != "per_module"}})
         if method in DYNAMIC_VARIANTS:
             dynamics_log.append({"task": task["name"], "step": args.steps, "end_of_task": True,
                                  **dynamic_snapshot(model)})
@@ -499,7 +520,7 @@ def plot_tradeoff(results: dict, path: Path, title: str) -> None:
 
 def plot_dynamics(result: dict, path: Path, title: str) -> None:
     """DynamicLoRA over the run: screened fraction per tier, cumulative migrations, health state."""
-    log = [entry for entry in result["dynamics"] if not entry.get("end_of_task")]
+    log = [entry for entry in result["dynamics"] if not entry.get("end_of_task") and "consolidation" not in entry]
     if not log:
         raise ValueError(f"{result['method']}: no dynamics samples to plot")
     x = list(range(1, len(log) + 1))

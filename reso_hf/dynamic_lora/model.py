@@ -232,6 +232,37 @@ class DynamicLoraModel(BaseTuner):
                 )
         return metrics[names[0]] if len(names) == 1 else metrics
 
+    def consolidate(self, adapter_name: Optional[str] = None, optimizer: Optional[torch.optim.Optimizer] = None
+                    ) -> dict[str, Any]:
+        """Fold the fast tiers into the memory tiers and protect what was consolidated (README, "Consolidation").
+
+        On every adapted module, the summed delta W of all tiers is replaced by its truncated SVD held by the
+        `consolidation_memory_tiers` slowest tiers (strongest directions in the slowest tier); the faster tiers are
+        re-initialised (B = 0, fresh A), and the memory's column and row spaces are recorded for
+        `protected_subspace`. The base weights are not touched. Call it at a task or session boundary
+        (`DynamicLoraCallback(consolidate_every=..., consolidate_on_epoch=...)` or a `boundary` column do it under
+        Trainer). Passing the optimizer drops its now meaningless state (Adam moments) of the factors.
+
+        Returns the measured truncation error: "truncation_error" (||sum dW before - after||_F over all modules),
+        "relative_truncation_error" (the same over ||sum dW before||_F), "max_relative_truncation_error" (worst
+        module) and "per_module".
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"Unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}.")
+        layers = self.adapter_layers(adapter_name)
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).consolidate(layers, optimizer=optimizer)
+
+    def vertical_cosines(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, float]]:
+        """Per-module vertical-resonance cosines of the last dynamic_step(): {"slow->fast": {module: v}}.
+
+        v is the cosine between the fast tier's realised update of that step (before the dynamics acted on it) and
+        the slow tier's delta W; the tuner's per-tier value (`health()["tiers"][fast]["vertical"]`) is their mean.
+        Modules whose slow tier is zero or whose fast tier did not move have no cosine.
+        """
+        return {pair: dict(values) for pair, values in self.dynamics(adapter_name).vertical_cosines.items()}
+
     def health(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Health report: state (HEALTHY / ACCEPTABLE / DEGRADED / CRITICAL), reasons and the metrics behind it."""
         return self.dynamics(adapter_name).health()

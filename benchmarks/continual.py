@@ -624,7 +624,7 @@ def parse_args(argv=None):
                         help="lora_low_lr's learning rate / --lr (matched on the dev split to dynamic_on's mean "
                              "training loss)")
     parser.add_argument("--tiers", choices=["default", "compact"], default="compact",
-                        help="DynamicLoRA tier ranks: default 64/32/16/8/4 or compact 16/8/4/2/1 (total rank 31)")
+                        help="DynamicLoRA tier ranks: default 32/16/8/4/2 (64/32/16/8/4 before issue 20) or compact 16/8/4/2/1 (total rank 31)")
     parser.add_argument("--autocorr-window", type=int, help="DynamicLoRA autocorr_window (default steps // 5, >= 2)")
     parser.add_argument("--log-every", type=int, help="DynamicLoRA health sample interval (default steps // 5)")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=DEFAULT_METHODS,

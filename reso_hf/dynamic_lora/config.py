@@ -26,7 +26,11 @@ ensure_dynamic_lora_peft_type()
 # adapter actually uses, so the order is part of the meaning and is enforced on the configured list.
 KNOWN_TIERS: tuple[str, ...] = ("foundation", "domain", "swarm", "agent", "context")
 
-DEFAULT_TIER_RANKS: dict[str, int] = {"foundation": 64, "domain": 32, "swarm": 16, "agent": 8, "context": 4}
+# Total rank 62: 2.65% of SmolLM2-135M's parameters on PEFT's default q/v targets, 5.3% on all four attention
+# projections (benchmarks/dynamic_lora_state_size.py). Until issue 20 the defaults were twice these (124: 5.3% and
+# 10.6%, above the < 5% target); adapters saved with tier_ranks={} then hold those ranks (see PRE_ISSUE_20_RANKS).
+DEFAULT_TIER_RANKS: dict[str, int] = {"foundation": 32, "domain": 16, "swarm": 8, "agent": 4, "context": 2}
+PRE_ISSUE_20_RANKS: dict[str, int] = {"foundation": 64, "domain": 32, "swarm": 16, "agent": 8, "context": 4}
 DEFAULT_TIER_INERTIA: dict[str, float] = {
     "foundation": 0.99,
     "domain": 0.9,

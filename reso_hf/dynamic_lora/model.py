@@ -20,6 +20,7 @@ from .config import (
     DYNAMICS_STATE_JSON_NAME,
     DYNAMICS_STATE_TENSORS_NAME,
     DYNAMICS_STATE_TIERS_METADATA,
+    PRE_ISSUE_20_RANKS,
     DynamicLoraConfig,
 )
 from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
@@ -482,9 +483,14 @@ class DynamicLoraModel(BaseTuner):
                 )
             rank_dim = 0 if match["which"] == "A" else 1
             if value.shape[rank_dim] != config.rank_of(tier):
+                hint = ""
+                if tier not in config.tier_ranks and value.shape[rank_dim] == PRE_ISSUE_20_RANKS[tier]:
+                    hint = (f" The adapter was saved with the former default ranks {PRE_ISSUE_20_RANKS}: add "
+                            f'"tier_ranks": {json.dumps({t: PRE_ISSUE_20_RANKS[t] for t in config.tiers})} to its '
+                            "adapter_config.json.")
                 raise ValueError(
                     f"The checkpoint's tier {tier!r} has rank {value.shape[rank_dim]} ({key}) but the adapter "
-                    f"config gives rank {config.rank_of(tier)}: the tier layouts differ."
+                    f"config gives rank {config.rank_of(tier)}: the tier layouts differ.{hint}"
                 )
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict

@@ -360,9 +360,10 @@ def dynamic_snapshot(model) -> dict:
     }
 
 
-def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int, before_dynamic_step=None) -> dict:
-    """Train `method` through the tasks; `before_dynamic_step(model, task_name, step)`, if given, sees each DynamicLoRA
-    optimizer step before dynamic_step() applies the dynamics to it (benchmarks/continual_resonance.py)."""
+def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int, before_dynamic_step=None,
+               after_dynamic_step=None) -> dict:
+    """Train `method` through the tasks; `before_dynamic_step(model, task_name, step)` / `after_dynamic_step(...)`, if
+    given, see each DynamicLoRA optimizer step before / after dynamic_step() (benchmarks/continual_resonance.py)."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
     if method in ("plain_lora", "lora_merge", "lora_low_lr"):
@@ -401,6 +402,8 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
                 if before_dynamic_step is not None:
                     before_dynamic_step(model, task["name"], step + 1)
                 model.base_model.dynamic_step(optimizer)
+                if after_dynamic_step is not None:
+                    after_dynamic_step(model, task["name"], step + 1)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if method in DYNAMIC_VARIANTS and (step + 1) % args.log_every == 0:

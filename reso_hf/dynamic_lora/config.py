@@ -1,4 +1,5 @@
-"""Configuration of the DynamicLoRA tuner (SPEC §5.1-§5.8).
+"""Configuration of the DynamicLoRA tuner (SPEC §5.1-§5.8; consolidation, protected subspaces, importance damping
+and budget-scaled windows: docs/dynamic_lora.md).
 
 One adapter holds an ordered hierarchy of tiers, slowest first. Every tier is a LoRA factor pair on each
 targeted module; the tier list, the ranks, the base inertia and the privacy of each tier come from here,

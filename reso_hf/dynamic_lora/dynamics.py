@@ -1,19 +1,24 @@
-"""The per-adapter dynamics of DynamicLoRA (SPEC §5.2-§5.7): one `AdapterDynamics` per adapter.
+"""The per-adapter dynamics of DynamicLoRA (SPEC §5.2-§5.7, with the changes of docs/dynamic_lora.md): one
+`AdapterDynamics` per adapter.
 
 `AdapterDynamics.step(layers, ...)` runs once after every optimizer step, in this order:
 
 1. non-finite check: NaN/Inf in any tier -> CRITICAL, every tier is restored to the last good values
    (the anchors of the previous step), non-finite optimizer state of the factors is zeroed, step ends;
 2. interaction density rho_t (agents sharing the tier x gradient norm) and effective inertia alpha_eff,t;
-3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW;
-   conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
-4. inertia: theta <- theta_old + (1 - alpha_eff) * damping * (theta_new - theta_old);
-5. importance EMA, SCREENED/FREE phases with hysteresis, homeostasis of tau, two-rate decay toward init;
-6. every `autocorr_window` steps: subspace autocorrelation, stability counters, migration requests and
+3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW (kept per
+   module in `vertical_cosines`); conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
+4. importance damping (importance_damping > 0): u <- u / (1 + lambda I / mean I); then inertia:
+   theta <- theta_old + (1 - alpha_eff) * damping * u, u = theta_new - theta_old;
+5. importance EMA, SCREENED/FREE phases with hysteresis, homeostasis of tau, two-rate decay toward init; after a
+   consolidation, each fast tier's change over the step is projected off the protected subspaces;
+6. every `effective_autocorr_window` steps: subspace autocorrelation, stability counters, migration requests and
    vertical fast-tracks;
 7. one tick of the bandwidth queue: admitted migrations run (each with a rollback point);
 8. horizontal resonance across ranks (optional);
 9. anchors <- current values (the reference of the next realised update); health.
+
+`AdapterDynamics.consolidate(layers)` runs at task or session boundaries (see .consolidation).
 """
 
 from __future__ import annotations

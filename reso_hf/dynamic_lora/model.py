@@ -252,6 +252,11 @@ class DynamicLoraModel(BaseTuner):
         if adapter_name not in self.peft_config:
             raise KeyError(f"Unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}.")
         layers = self.adapter_layers(adapter_name)
+        merged = sorted(name for name, layer in layers.items() if adapter_name in layer.merged_adapters)
+        if merged:
+            # the base weights hold the old delta W: unmerging after a consolidation would subtract the new one
+            raise ValueError(f"consolidate() changes the factors of adapter {adapter_name!r}, which is merged into the "
+                             f"base weights of {len(merged)} modules (e.g. {merged[0]}); call unmerge_adapter() first.")
         with whole_factors(layers, adapter_name):
             return self.dynamics(adapter_name).consolidate(layers, optimizer=optimizer)
 

@@ -57,6 +57,18 @@ def test_consolidate_changes_the_summed_delta_by_exactly_the_measured_truncation
     assert tuner.audit_log()[-1]["event"] == "consolidation"
 
 
+def test_consolidate_refuses_a_merged_adapter_and_resets_the_optimizer_state():
+    model = get_peft_model(tiny_llama(), small_config(init_weights=False))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"merged into the base weights of 4 modules .* call unmerge_adapter\(\) first"):
+        model.base_model.consolidate()
+    model.unmerge_adapter()
+    optimizer = _train(model, 1)
+    assert len(optimizer.state) == 40  # 4 modules x 5 tiers x (A, B)
+    report = model.base_model.consolidate(optimizer=optimizer)
+    assert report["reset_optimizer_tensors"] == 40 and len(optimizer.state) == 0
+
+
 def test_consolidate_is_exact_when_the_memory_can_hold_the_whole_adapter():
     # memory rank 32 + 4 >= min(out, in) of every module (32 x 32 and 16 x 32): nothing is cut
     model = get_peft_model(tiny_llama(), small_config(init_weights=False, tier_ranks={

@@ -35,6 +35,10 @@ Ablations of dynamic_on, one mechanism switched off each (--methods ablate_...):
 ablate_migration, ablate_decay (both decay rates 0) and ablate_resonance (no vertical resonance); and the
 option dynamic_decay_inertia (decay_follows_inertia=True: each tier's decay scaled by its 1 - alpha_eff) and the
 setting dynamic_migration_unthrottled (migration bandwidth 1.0 on every channel: consolidation not rate-limited).
+Consolidation (issue 20, --methods dynamic_consolidate...): dynamic_on plus model.base_model.consolidate() after
+every task but the last; _column / _row / _both add protected subspaces, _ewc importance damping (lambda 1), _m1 one
+memory tier instead of two, _horizon budget-scaled windows (dynamics_horizon = --steps); dynamic_horizon is the
+last without consolidation (docs/dynamic_lora.md).
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
@@ -125,6 +129,8 @@ DYNAMIC_VARIANTS = {
     # source tier per tick, so that migration (consolidation into the slow tiers) fully engages in 80 steps
     "dynamic_migration_unthrottled": {"migration_bandwidth": {t: 1.0 for t in ("context", "agent", "swarm", "domain")}},
 }
+ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
+ALL_METHODS = METHODS + ["dynamic_v1", "dynamic_decay_inertia", "dynamic_migration_unthrottled"] + ABLATIONS
 # Consolidation (issue 20): dynamic_on plus model.base_model.consolidate() at every task boundary (after each task but
 # the last, before that stage's evaluation: the truncation is part of the method), and its ablations
 CONSOLIDATING_VARIANTS = {
@@ -139,9 +145,7 @@ CONSOLIDATING_VARIANTS = {
 DYNAMIC_VARIANTS.update(CONSOLIDATING_VARIANTS)
 # budget-scaled dynamics without consolidation: windows, bandwidths and resonance EMA from the per-task budget
 DYNAMIC_VARIANTS["dynamic_horizon"] = {"dynamics_horizon": "steps"}
-ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
-ALL_METHODS = (METHODS + ["dynamic_v1", "dynamic_decay_inertia", "dynamic_migration_unthrottled", "dynamic_horizon"]
-               + ABLATIONS + list(CONSOLIDATING_VARIANTS))
+ALL_METHODS = ALL_METHODS + ["dynamic_horizon"] + list(CONSOLIDATING_VARIANTS)
 DEFAULT_METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "dynamic_v1", "lora_low_lr", "full_ft"]
 COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
 

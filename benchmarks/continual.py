@@ -35,6 +35,10 @@ Ablations of dynamic_on, one mechanism switched off each (--methods ablate_...):
 ablate_migration, ablate_decay (both decay rates 0) and ablate_resonance (no vertical resonance); and the
 option dynamic_decay_inertia (decay_follows_inertia=True: each tier's decay scaled by its 1 - alpha_eff) and the
 setting dynamic_migration_unthrottled (migration bandwidth 1.0 on every channel: consolidation not rate-limited).
+Consolidation (issue 20, --methods dynamic_consolidate...): dynamic_on plus model.base_model.consolidate() after
+every task but the last; _column / _row / _both add protected subspaces, _ewc importance damping (lambda 1), _m1 one
+memory tier instead of two, _horizon budget-scaled windows (dynamics_horizon = --steps); dynamic_horizon is the
+last without consolidation (docs/dynamic_lora.md).
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
@@ -127,6 +131,21 @@ DYNAMIC_VARIANTS = {
 }
 ABLATIONS = [m for m in DYNAMIC_VARIANTS if m.startswith("ablate_")]
 ALL_METHODS = METHODS + ["dynamic_v1", "dynamic_decay_inertia", "dynamic_migration_unthrottled"] + ABLATIONS
+# Consolidation (issue 20): dynamic_on plus model.base_model.consolidate() at every task boundary (after each task but
+# the last, before that stage's evaluation: the truncation is part of the method), and its ablations
+CONSOLIDATING_VARIANTS = {
+    "dynamic_consolidate": {},
+    "dynamic_consolidate_column": {"protected_subspace": "column"},
+    "dynamic_consolidate_row": {"protected_subspace": "row"},
+    "dynamic_consolidate_both": {"protected_subspace": "both"},
+    "dynamic_consolidate_ewc": {"importance_damping": 1.0},
+    "dynamic_consolidate_m1": {"consolidation_memory_tiers": 1},
+    "dynamic_consolidate_horizon": {"dynamics_horizon": "steps"},
+}
+DYNAMIC_VARIANTS.update(CONSOLIDATING_VARIANTS)
+# budget-scaled dynamics without consolidation: windows, bandwidths and resonance EMA from the per-task budget
+DYNAMIC_VARIANTS["dynamic_horizon"] = {"dynamics_horizon": "steps"}
+ALL_METHODS = ALL_METHODS + ["dynamic_horizon"] + list(CONSOLIDATING_VARIANTS)
 DEFAULT_METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "dynamic_v1", "lora_low_lr", "full_ft"]
 COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
 
@@ -315,6 +334,8 @@ def dynamic_config(args, variant: str = "dynamic_on"):
     config.alpha = float(max(config.rank_of(t) for t in config.tiers))
     if overrides.pop("tier_alpha", None) == "rank":
         overrides["tier_alpha"] = {t: float(config.rank_of(t)) for t in config.tiers}
+    if overrides.get("dynamics_horizon") == "steps":
+        overrides["dynamics_horizon"] = args.steps
     for name, value in overrides.items():
         setattr(config, name, value)
     config._validate()
@@ -343,9 +364,10 @@ def dynamic_snapshot(model) -> dict:
     }
 
 
-def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int, before_dynamic_step=None) -> dict:
-    """Train `method` through the tasks; `before_dynamic_step(model, task_name, step)`, if given, sees each DynamicLoRA
-    optimizer step before dynamic_step() applies the dynamics to it (benchmarks/continual_resonance.py)."""
+def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_rank: int, before_dynamic_step=None,
+               after_dynamic_step=None) -> dict:
+    """Train `method` through the tasks; `before_dynamic_step(model, task_name, step)` / `after_dynamic_step(...)`, if
+    given, see each DynamicLoRA optimizer step before / after dynamic_step() (benchmarks/continual_resonance.py)."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
     if method in ("plain_lora", "lora_merge", "lora_low_lr"):
@@ -384,10 +406,16 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
                 if before_dynamic_step is not None:
                     before_dynamic_step(model, task["name"], step + 1)
                 model.base_model.dynamic_step(optimizer)
+                if after_dynamic_step is not None:
+                    after_dynamic_step(model, task["name"], step + 1)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if method in DYNAMIC_VARIANTS and (step + 1) % args.log_every == 0:
                 dynamics_log.append({"task": task["name"], "step": step + 1, **dynamic_snapshot(model)})
+        if method in CONSOLIDATING_VARIANTS and stage < len(tasks) - 1:
+            report = model.base_model.consolidate(optimizer=optimizer)
+            dynamics_log.append({"task": task["name"], "step": args.steps, "consolidation": {
+                k: v for k, v in report.items() if k != "per_module"}})
         if method in DYNAMIC_VARIANTS:
             dynamics_log.append({"task": task["name"], "step": args.steps, "end_of_task": True,
                                  **dynamic_snapshot(model)})
@@ -499,7 +527,7 @@ def plot_tradeoff(results: dict, path: Path, title: str) -> None:
 
 def plot_dynamics(result: dict, path: Path, title: str) -> None:
     """DynamicLoRA over the run: screened fraction per tier, cumulative migrations, health state."""
-    log = [entry for entry in result["dynamics"] if not entry.get("end_of_task")]
+    log = [entry for entry in result["dynamics"] if not entry.get("end_of_task") and "consolidation" not in entry]
     if not log:
         raise ValueError(f"{result['method']}: no dynamics samples to plot")
     x = list(range(1, len(log) + 1))
@@ -603,7 +631,7 @@ def parse_args(argv=None):
                         help="lora_low_lr's learning rate / --lr (matched on the dev split to dynamic_on's mean "
                              "training loss)")
     parser.add_argument("--tiers", choices=["default", "compact"], default="compact",
-                        help="DynamicLoRA tier ranks: default 64/32/16/8/4 or compact 16/8/4/2/1 (total rank 31)")
+                        help="DynamicLoRA tier ranks: default 32/16/8/4/2 (64/32/16/8/4 before issue 20) or compact 16/8/4/2/1 (total rank 31)")
     parser.add_argument("--autocorr-window", type=int, help="DynamicLoRA autocorr_window (default steps // 5, >= 2)")
     parser.add_argument("--log-every", type=int, help="DynamicLoRA health sample interval (default steps // 5)")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=DEFAULT_METHODS,

@@ -5,8 +5,8 @@ between the fast tier's realised update s_f (B'A' - BA) and the slow tier's dW =
 module, and acts on the mean over modules: a conflict (v < -conflict_threshold, 0.3) damps the fast tier, an
 alignment (EMA of v > vertical_threshold, 0.5) fast-tracks its migration. This script trains dynamic_on through
 the tasks of benchmarks/continual.py (same arguments; use --split dev, never tune on the held-out parts) and
-records every per-module cosine before dynamic_step() acts on the step, with the same function the tuner uses
-(reso_hf.dynamic_lora.resonance.update_cosine). It reports, per tier pair, the tuner's value (the mean over
+records every per-module cosine that dynamic_step() measured (`model.base_model.vertical_cosines()`, the values the
+tuner averaged and acted on). It reports, per tier pair, the tuner's value (the mean over
 modules) and the distribution of the per-module values against both thresholds.
 
     python benchmarks/continual_resonance.py --split dev --seq 96 --eval-examples 6
@@ -29,32 +29,13 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import continual  # noqa: E402
 from dynamic_lora_common import RESULTS, markdown_table  # noqa: E402
-from reso_hf.dynamic_lora.resonance import update_cosine  # noqa: E402
 
 
-@torch.no_grad()
 def module_cosines(model) -> dict[str, list[float]]:
-    """{"slow->fast": [cosine per module]} for the step just taken, before dynamic_step() acts on it (modules whose
-    slow tier is still zero, or whose fast tier did not move, have no cosine and are left out, as in the tuner)."""
-    tuner = model.base_model
-    adapter = tuner.active_adapters[0]
-    dynamics = tuner.dynamics()
-    tiers = dynamics.tiers
-    out = {}
-    for slow, fast in zip(tiers[:-1], tiers[1:]):
-        values = []
-        for name, layer in tuner.adapter_layers().items():
-            fast_state, slow_state = dynamics.module_states[name][fast], dynamics.module_states[name][slow]
-            scalings = layer.tier_scalings[adapter]
-            inner, update_norm, slow_norm = update_cosine(
-                layer.dynamic_lora_A[adapter][fast], layer.dynamic_lora_B[adapter][fast],
-                fast_state.tensors["anchor_A"], fast_state.tensors["anchor_B"], scalings[fast],
-                slow_state.tensors["anchor_A"], slow_state.tensors["anchor_B"], scalings[slow],
-            )
-            if update_norm > 0 and slow_norm > 0:
-                values.append(inner / (update_norm * slow_norm))
-        out[f"{slow}->{fast}"] = values
-    return out
+    """{"slow->fast": [cosine per module]} of the step that dynamic_step() just ran, as the tuner measured them before
+    acting on it (`DynamicLoraModel.vertical_cosines`; modules whose slow tier is still zero, or whose fast tier did
+    not move, have no cosine)."""
+    return {pair: list(values.values()) for pair, values in model.base_model.vertical_cosines().items()}
 
 
 def summarise_pair(steps: list[list[float]], conflict: float, vertical: float) -> dict:
@@ -108,7 +89,7 @@ def main(argv=None) -> dict:
         for pair, values in module_cosines(model).items():
             per_step.setdefault(pair, []).append(values)
 
-    result = continual.run_method("dynamic_on", base, tasks, args, pad_id, config.total_rank, before_dynamic_step=record)
+    result = continual.run_method("dynamic_on", base, tasks, args, pad_id, config.total_rank, after_dynamic_step=record)
     pairs = {pair: summarise_pair(steps, config.conflict_threshold, config.vertical_threshold)
              for pair, steps in per_step.items()}
     report = {

@@ -56,7 +56,7 @@ def adapter_fractions(base) -> list[dict]:
     base_params = count_parameters(base)
     rows = []
     for label, targets in (("attention q,k,v,o", ATTENTION), ("all linear", ALL_LINEAR)):
-        for tier_label, ranks in (("default 64/32/16/8/4", {}), ("compact 16/8/4/2/1", COMPACT_RANKS)):
+        for tier_label, ranks in (("default 32/16/8/4/2", {}), ("compact 16/8/4/2/1", COMPACT_RANKS)):
             model = get_peft_model(copy.deepcopy(base), dynamic_config(targets, tier_ranks=ranks))
             adapter = sum(p.numel() for n, p in model.named_parameters() if "dynamic_lora_" in n)
             rows.append({"modules": label, "tiers": tier_label, "adapter_params": adapter,

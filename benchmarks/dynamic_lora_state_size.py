@@ -2,7 +2,7 @@
 
 The sizes depend on the shapes only, so the base is a randomly initialised `LlamaForCausalLM` with
 SmolLM2-135M's configuration (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocabulary
-49,152); nothing is downloaded. Two adapters with the default tiers (64/32/16/8/4):
+49,152); nothing is downloaded. Two adapters with the default tiers (32/16/8/4/2 since issue 20; 64/32/16/8/4 before):
 
 - `default`: `DynamicLoraConfig()` as it comes (PEFT's LoRA targets for Llama: q_proj, v_proj);
 - `sft_all_linear`: what `reso-hf sft` uses (`target_modules="all-linear"`, the 910 MB checkpoint of issue 19).

@@ -83,7 +83,7 @@ def test_reuse_takes_finished_methods_only_from_runs_with_the_same_settings(tmp_
 
 
 def test_every_dynamic_variant_builds_a_valid_config():
-    args = argparse.Namespace(tier_ranks=dict(continual.COMPACT_RANKS), autocorr_window=3)
+    args = argparse.Namespace(tier_ranks=dict(continual.COMPACT_RANKS), autocorr_window=3, steps=16)
     first_release = continual.dynamic_config(args, "dynamic_v1")
     assert all(first_release.scaling_of(t) == 1.0 for t in first_release.tiers)
     assert not first_release.decay_follows_inertia and first_release.density_gradient == "factors"
@@ -95,6 +95,11 @@ def test_every_dynamic_variant_builds_a_valid_config():
     assert [current.bandwidth_of(t) for t in sources] != [1.0] * 4  # the default stays SPEC 5.5's
     for variant in continual.DYNAMIC_VARIANTS:
         assert continual.dynamic_config(args, variant).total_rank == 31
+    # issue 20: the budget-scaled variants take the per-task step budget as their horizon (window 16 // 5 = 3)
+    horizon = continual.dynamic_config(args, "dynamic_consolidate_horizon")
+    assert horizon.dynamics_horizon == 16 and horizon.effective_autocorr_window == 3
+    assert continual.dynamic_config(args, "dynamic_consolidate_column").protected_subspace == "column"
+    assert set(continual.CONSOLIDATING_VARIANTS) <= set(continual.ALL_METHODS)
 
 
 def test_trade_off_plot_tells_every_method_apart(tmp_path):
@@ -126,8 +131,8 @@ def test_resonance_diagnostic_reproduces_the_tuners_vertical_cosine():
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
-        measured = continual_resonance.module_cosines(model)
         model.base_model.dynamic_step(optimizer)
+        measured = continual_resonance.module_cosines(model)  # the tuner's own per-module cosines of this step
         optimizer.zero_grad(set_to_none=True)
     states = model.base_model.dynamics().tier_states
     assert set(measured) == {"foundation->domain", "domain->swarm", "swarm->agent", "agent->context"}
@@ -138,3 +143,27 @@ def test_resonance_diagnostic_reproduces_the_tuners_vertical_cosine():
     assert summary["tuner_mean_min"] == pytest.approx(-0.1) and summary["tuner_mean_max"] == pytest.approx(0.6)
     assert summary["module_share_conflict"] == pytest.approx(1 / 3) and summary["module_share_aligned"] == pytest.approx(1 / 3)
     assert summary["module_abs_max"] == pytest.approx(0.6)
+
+
+def test_consolidating_methods_consolidate_at_each_task_boundary_but_the_last():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+
+    def docs(count):
+        return [(ids, list(ids)) for ids in torch.randint(1, 61, (count, 10), generator=generator).tolist()]
+
+    tasks = [{"name": name, "train": docs(4), "held_out": docs(2)} for name in ("a", "b", "c")]
+    args = argparse.Namespace(seed=0, steps=2, batch=2, lr=1e-3, full_ft_lr=1e-5, low_lr_scale=0.5, eval_batch=2,
+                              log_every=1, tier_ranks=dict(continual.COMPACT_RANKS), autocorr_window=2)
+    result = continual.run_method("dynamic_consolidate_column", base, tasks, args, pad_id=0, total_rank=31)
+    consolidations = [e for e in result["dynamics"] if "consolidation" in e]
+    assert [e["task"] for e in consolidations] == ["a", "b"]
+    assert all(e["consolidation"]["truncation_error"] >= 0.0 for e in consolidations)
+    assert result["dynamics"][-1]["counters"]["consolidations"] == 2

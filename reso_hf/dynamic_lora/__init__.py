@@ -3,7 +3,7 @@
 Importing this package registers the PEFT method "DYNAMIC_LORA" (idempotent).
 """
 
-from .callback import DynamicLoraCallback, find_dynamic_lora_tuner
+from .callback import DynamicLoraCallback, boundary_steps, find_dynamic_lora_tuner
 from .config import KNOWN_TIERS, DynamicLoraConfig
 from .export import DynamicLoraSnapshot, export_lora, provenance_hash
 from .layer import DynamicLoraConv1D, DynamicLoraLayer, DynamicLoraLinear
@@ -24,6 +24,7 @@ __all__ = [
     "DynamicLoraSnapshot",
     "MigrationQueue",
     "RollbackRing",
+    "boundary_steps",
     "export_lora",
     "find_dynamic_lora_tuner",
     "migrate_pattern",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from transformers import TrainerCallback
@@ -45,6 +46,49 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "dynamic_lora") -> di
     return flat
 
 
+def boundary_steps(boundary: Sequence[Any], rows_per_step: int) -> list[int]:
+    """Optimizer steps after which to consolidate, from a per-row `boundary` flag of data read in order.
+
+    `boundary[i]` is true when row i starts a new task or session (a `boundary` column of a dataset that is not
+    shuffled, as continual training reads it); `rows_per_step` = per-device batch x gradient accumulation x data
+    parallel size. A boundary at row i falls into optimizer step floor(i / rows_per_step) (0-based), so the fast
+    tiers are consolidated once that many steps are done: the batch that holds the first row of the new task is the
+    first that trains on fresh fast tiers (a batch that mixes two tasks counts as the new task's). Row 0 starts the
+    run and needs no consolidation.
+    """
+    if not isinstance(rows_per_step, int) or isinstance(rows_per_step, bool) or rows_per_step <= 0:
+        raise ValueError(f"rows_per_step must be a positive integer, got {rows_per_step!r}.")
+    steps = []
+    for row, flag in enumerate(boundary):
+        if flag not in (True, False):
+            raise ValueError(f"boundary[{row}] must be a boolean flag, got {flag!r}.")
+        step = row // rows_per_step
+        if flag and row > 0 and step > 0 and (not steps or steps[-1] != step):
+            steps.append(step)
+    return steps
+
+
+def _check_consolidation_arguments(consolidate_every, consolidate_on_epoch, consolidate_at_steps) -> list[int]:
+    if consolidate_every is not None and (
+        not isinstance(consolidate_every, int) or isinstance(consolidate_every, bool) or consolidate_every <= 0
+    ):
+        raise ValueError(f"DynamicLoraCallback.consolidate_every must be None or a positive integer (optimizer steps "
+                         f"between two consolidations), got {consolidate_every!r}.")
+    if not isinstance(consolidate_on_epoch, bool):
+        raise ValueError(f"DynamicLoraCallback.consolidate_on_epoch must be True or False, got {consolidate_on_epoch!r}.")
+    if consolidate_at_steps is None:
+        return []
+    if not isinstance(consolidate_at_steps, Iterable) or isinstance(consolidate_at_steps, (str, bytes)):
+        raise ValueError(f"DynamicLoraCallback.consolidate_at_steps must be a list of positive integers (optimizer "
+                         f"steps, e.g. from boundary_steps()), got {consolidate_at_steps!r}.")
+    steps = list(consolidate_at_steps)
+    bad = [v for v in steps if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if bad:
+        raise ValueError(f"DynamicLoraCallback.consolidate_at_steps must hold positive integers (optimizer steps), "
+                         f"got {bad[:5]}.")
+    return sorted(set(steps))
+
+
 class DynamicLoraCallback(TrainerCallback):
     """Runs the DynamicLoRA dynamics after each optimizer step (before gradients are zeroed).
 
@@ -57,18 +101,32 @@ class DynamicLoraCallback(TrainerCallback):
     `resume_from_checkpoint` too. Trainer reloads the adapter weights of a checkpoint with
     `load_adapter`, which knows nothing of the dynamics state saved next to them; the callback restores that
     state once Trainer has loaded everything (`on_train_begin`), so training continues bit for bit.
+
+    Consolidation (`DynamicLoraModel.consolidate`, README "Consolidation"), after the step's dynamics:
+    `consolidate_every=N` every N optimizer steps (global steps N, 2N, ...); `consolidate_on_epoch=True` at each
+    boundary between two epochs (not after the last); `consolidate_at_steps=[...]` after those global steps, e.g.
+    `boundary_steps(dataset["boundary"], rows_per_step)` for a `boundary` column marking task or session changes.
+    Each report is kept in `consolidations` and its truncation error logged as `dynamic_lora/consolidation/...`.
     """
 
-    def __init__(self, adapter_name: Optional[str] = None, resume_from_checkpoint: Optional[str] = None) -> None:
+    def __init__(self, adapter_name: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
+                 consolidate_every: Optional[int] = None, consolidate_on_epoch: bool = False,
+                 consolidate_at_steps: Optional[Iterable[int]] = None) -> None:
         self.adapter_name = adapter_name
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.consolidate_every = consolidate_every
+        self.consolidate_on_epoch = consolidate_on_epoch
+        self.consolidate_at_steps = _check_consolidation_arguments(consolidate_every, consolidate_on_epoch,
+                                                                   consolidate_at_steps)
         self.last_metrics: dict[str, Any] = {}
+        self.consolidations: list[dict[str, Any]] = []
         self.steps = 0
+        self._epochs_begun = 0
 
     @classmethod
-    def attach(cls, trainer, adapter_name: Optional[str] = None,
-               resume_from_checkpoint: Optional[str] = None) -> "DynamicLoraCallback":
-        callback = cls(adapter_name, resume_from_checkpoint)
+    def attach(cls, trainer, adapter_name: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
+               **consolidation: Any) -> "DynamicLoraCallback":
+        callback = cls(adapter_name, resume_from_checkpoint, **consolidation)
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
@@ -99,7 +157,29 @@ class DynamicLoraCallback(TrainerCallback):
         tuner = find_dynamic_lora_tuner(model)
         self.last_metrics = tuner.dynamic_step(optimizer=optimizer, adapter_name=self.adapter_name)
         self.steps += 1
+        # Trainer increments global_step after this event: the step just taken is global_step + 1
+        done = state.global_step + 1
+        if (self.consolidate_every is not None and done % self.consolidate_every == 0) or done in self.consolidate_at_steps:
+            self._consolidate(tuner, optimizer, done)
         return control
+
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._epochs_begun += 1
+        if self.consolidate_on_epoch and self._epochs_begun > 1:
+            self._consolidate(find_dynamic_lora_tuner(model), optimizer, state.global_step)
+        return control
+
+    def _consolidate(self, tuner, optimizer, step: int) -> None:
+        if self.consolidations and self.consolidations[-1]["global_step"] == step:
+            return  # a step that is both a multiple of consolidate_every and an epoch boundary consolidates once
+        report = tuner.consolidate(adapter_name=self.adapter_name, optimizer=optimizer)
+        summary = {k: v for k, v in report.items() if k != "per_module"}
+        self.consolidations.append({"global_step": step, **summary})
+        self.last_metrics = {**self.last_metrics, "consolidation": {
+            "truncation_error": report["truncation_error"],
+            "relative_truncation_error": report["relative_truncation_error"],
+            "max_relative_truncation_error": report["max_relative_truncation_error"],
+        }}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.last_metrics:

@@ -1,19 +1,24 @@
-"""The per-adapter dynamics of DynamicLoRA (SPEC §5.2-§5.7): one `AdapterDynamics` per adapter.
+"""The per-adapter dynamics of DynamicLoRA (SPEC §5.2-§5.7, with the changes of docs/dynamic_lora.md): one
+`AdapterDynamics` per adapter.
 
 `AdapterDynamics.step(layers, ...)` runs once after every optimizer step, in this order:
 
 1. non-finite check: NaN/Inf in any tier -> CRITICAL, every tier is restored to the last good values
    (the anchors of the previous step), non-finite optimizer state of the factors is zeroed, step ends;
 2. interaction density rho_t (agents sharing the tier x gradient norm) and effective inertia alpha_eff,t;
-3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW;
-   conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
-4. inertia: theta <- theta_old + (1 - alpha_eff) * damping * (theta_new - theta_old);
-5. importance EMA, SCREENED/FREE phases with hysteresis, homeostasis of tau, two-rate decay toward init;
-6. every `autocorr_window` steps: subspace autocorrelation, stability counters, migration requests and
+3. vertical resonance: cosine v between each fast tier's realised update and the next slower tier's dW (kept per
+   module in `vertical_cosines`); conflicts (v < -conflict_threshold) damp the fast tier's update by (1 - delta |v|);
+4. importance damping (importance_damping > 0): u <- u / (1 + lambda I / mean I); then inertia:
+   theta <- theta_old + (1 - alpha_eff) * damping * u, u = theta_new - theta_old;
+5. importance EMA, SCREENED/FREE phases with hysteresis, homeostasis of tau, two-rate decay toward init; after a
+   consolidation, each fast tier's change over the step is projected off the protected subspaces;
+6. every `effective_autocorr_window` steps: subspace autocorrelation, stability counters, migration requests and
    vertical fast-tracks;
 7. one tick of the bandwidth queue: admitted migrations run (each with a rollback point);
 8. horizontal resonance across ranks (optional);
 9. anchors <- current values (the reference of the next realised update); health.
+
+`AdapterDynamics.consolidate(layers)` runs at task or session boundaries (see .consolidation).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from .config import DynamicLoraConfig
+from .consolidation import fold_into_memory, remove_column_component, remove_row_component
 from .migration import (
     MigrationQueue,
     RollbackRing,
@@ -44,6 +50,17 @@ if TYPE_CHECKING:
     from .layer import DynamicLoraLayer
 
 HEALTH_STATES = ("HEALTHY", "ACCEPTABLE", "DEGRADED", "CRITICAL")
+# how often each mechanism acted (conflicts: steps on which a fast tier's update was damped by vertical resonance)
+EMPTY_COUNTERS = {
+    "migrations": 0,
+    "fast_tracks": 0,
+    "rollbacks": 0,
+    "nonfinite_rollbacks": 0,
+    "threshold_changes": 0,
+    "rejected_migrations": 0,
+    "conflicts": 0,
+    "consolidations": 0,
+}
 FACTOR_FIELDS = ("A", "B")
 # per (module, tier) tensors that are part of the saved dynamics state
 MODULE_TENSOR_FIELDS = (
@@ -121,7 +138,7 @@ class AdapterDynamics:
             for tier in self.tiers:
                 tier_parameters[tier] += layer.tier_ranks[adapter_name][tier] * (layer.in_features + layer.out_features)
         self.tier_parameters = tier_parameters
-        budgets = {t: config.bandwidth_of(t) * tier_parameters[t] for t in self.tiers[1:]}
+        budgets = {t: config.effective_bandwidth_of(t) * tier_parameters[t] for t in self.tiers[1:]}
         self.queue = MigrationQueue(
             budgets=budgets,
             refill=config.bandwidth_refill,
@@ -134,14 +151,12 @@ class AdapterDynamics:
         self.health_counts: dict[str, int] = {s: 0 for s in HEALTH_STATES}
         self.recent_truncation: deque[float] = deque(maxlen=20)
         self.conflict_history: deque[int] = deque(maxlen=100)
-        self.counters: dict[str, int] = {
-            "migrations": 0,
-            "fast_tracks": 0,
-            "rollbacks": 0,
-            "nonfinite_rollbacks": 0,
-            "threshold_changes": 0,
-            "rejected_migrations": 0,
-        }
+        self.counters: dict[str, int] = dict(EMPTY_COUNTERS)
+        # module -> {"column": out x k, "row": in x k}: orthonormal bases of the memory tiers' delta W recorded by
+        # the last consolidate(); the fast tiers' updates are kept off them (config.protected_subspace)
+        self.protected: dict[str, dict[str, torch.Tensor]] = {}
+        # "slow->fast" -> {module: cosine of the fast tier's last realised update with the slow tier's delta W}
+        self.vertical_cosines: dict[str, dict[str, float]] = {}
         self.last_nonfinite_step: int = -1
         self.last_metrics: dict[str, Any] = {}
         self.provenance_fn = None  # set by the tuner: callable returning the current provenance hash
@@ -284,10 +299,15 @@ class AdapterDynamics:
         for tier in self.tiers:
             self.tier_states[tier].damping = 1.0
             self.tier_states[tier].vertical = 0.0
+        self.vertical_cosines = {}
+        window = config.effective_autocorr_window
+        # the EMA behind fast-tracks averages over one pattern window (SPEC's 0.9 is a window of 10 steps)
+        vertical_beta = 0.9 if config.dynamics_horizon is None else 1.0 - 1.0 / window
         if config.vertical_resonance:
             for index in range(1, len(self.tiers)):
                 slow, fast = self.tiers[index - 1], self.tiers[index]
                 cosines = []
+                per_module = self.vertical_cosines.setdefault(f"{slow}->{fast}", {})
                 for name, layer in layers.items():
                     fast_state = self.module_states[name][fast]
                     slow_state = self.module_states[name][slow]
@@ -304,16 +324,21 @@ class AdapterDynamics:
                     )
                     if update_norm > 0 and slow_norm > 0:
                         cosines.append(inner / (update_norm * slow_norm))
+                        per_module[name] = cosines[-1]
                 vertical = sum(cosines) / len(cosines) if cosines else 0.0
                 fast_state_tier = self.tier_states[fast]
                 fast_state_tier.vertical = vertical
-                fast_state_tier.vertical_ema = 0.9 * fast_state_tier.vertical_ema + 0.1 * vertical
+                fast_state_tier.vertical_ema = vertical_beta * fast_state_tier.vertical_ema + (1 - vertical_beta) * vertical
                 conflict = vertical < -config.conflict_threshold
                 self.conflict_history.append(int(conflict))
                 if conflict:
                     fast_state_tier.damping = 1.0 - config.conflict_damping * abs(vertical)
+                    self.counters["conflicts"] += 1
 
-        # 4. inertia on the realised update; 5. importance, phases, decay
+        # 4. inertia on the realised update (with importance damping and protected subspaces); 5. importance, phases,
+        # decay
+        importance_mean = self._importance_means(layers) if config.importance_damping > 0 else {}
+        protected_tiers = set(config.fast_tiers) if self.protected and config.protected_subspace != "none" else set()
         importance_sum = {t: 0.0 for t in self.tiers}
         element_count = {t: 0 for t in self.tiers}
         for name, layer in layers.items():
@@ -324,7 +349,10 @@ class AdapterDynamics:
                 for which in FACTOR_FIELDS:
                     param = self._factor(layer, tier, which)
                     anchor = self._state_tensor(state, f"anchor_{which}", param)
-                    if factor_scale != 1.0:  # in place: theta_old + f (theta_new - theta_old)
+                    if importance_mean.get(tier, 0.0) > 0:
+                        update = self._damped_update(param - anchor, tier, which, state, importance_mean[tier])
+                        param.copy_(anchor + factor_scale * update)
+                    elif factor_scale != 1.0:  # in place: theta_old + f (theta_new - theta_old)
                         param.sub_(anchor).mul_(factor_scale).add_(anchor)
                     grad = param.grad
                     importance = self._state_tensor(state, f"importance_{which}", param)
@@ -362,6 +390,11 @@ class AdapterDynamics:
                     if config.decay_follows_inertia:
                         decay.mul_(1.0 - tier_state.alpha_eff)
                     param.sub_(decay.mul_(param - init))
+                    if tier in protected_tiers:
+                        # after the decay, whose per-element rates would tilt B out of the allowed subspace: the
+                        # step's whole change of a fast tier is kept off the consolidated subspaces
+                        anchor = self._state_tensor(state, f"anchor_{which}", param)
+                        param.copy_(anchor + self._protected_update(param - anchor, name, which))
         changed = {}
         for tier in self.tiers:
             tier_state = self.tier_states[tier]
@@ -381,7 +414,7 @@ class AdapterDynamics:
             self.record("threshold_change", tiers=sorted(changed, key=self.tiers.index), changes=changed)
 
         # 6. pattern detection and fast-tracks at window boundaries
-        if self.step_count % config.autocorr_window == 0:
+        if self.step_count % window == 0:
             metrics["patterns"] = self.detect_patterns(layers)
             if config.vertical_resonance and config.migration_enabled:
                 for index in range(1, len(self.tiers)):
@@ -402,6 +435,135 @@ class AdapterDynamics:
         metrics.update(self._health_metrics(nonfinite=False))
         self.last_metrics = metrics
         return metrics
+
+    # ----- importance damping, protected subspaces, consolidation ------------------------------------------
+    def _importance_means(self, layers: dict[str, "DynamicLoraLayer"]) -> dict[str, float]:
+        """Mean importance per tier over all its elements (A and B of every module), before this step's update."""
+        sums = {t: 0.0 for t in self.tiers}
+        counts = {t: 0 for t in self.tiers}
+        for name in layers:
+            for tier in self.tiers:
+                for which in FACTOR_FIELDS:
+                    importance = self.module_states[name][tier].tensors[f"importance_{which}"]
+                    sums[tier] += float(importance.sum())
+                    counts[tier] += importance.numel()
+        return {t: sums[t] / max(counts[t], 1) for t in self.tiers}
+
+    def _damped_update(self, update: torch.Tensor, tier: str, which: str, state: ModuleTierState,
+                       mean_importance: float) -> torch.Tensor:
+        """u / (1 + lambda I / mean(I)): EWC-like, the elements that mattered most (§5.3 importance) move least."""
+        importance = self._state_tensor(state, f"importance_{which}", update)
+        return update / (1.0 + (self.config.importance_damping / mean_importance) * importance.to(update.dtype))
+
+    def _protected_update(self, update: torch.Tensor, module: str, which: str) -> torch.Tensor:
+        """A fast tier's update without (gamma times) its component in the consolidated subspaces of `module`."""
+        config = self.config
+        bases = self.protected.get(module)
+        if bases is None:
+            return update
+        if which == "B" and config.protected_subspace in ("column", "both"):
+            return remove_column_component(update, bases["column"], config.protection_strength)
+        if which == "A" and config.protected_subspace in ("row", "both"):
+            return remove_row_component(update, bases["row"], config.protection_strength)
+        return update
+
+    @torch.no_grad()
+    def consolidate(self, layers: dict[str, "DynamicLoraLayer"], optimizer=None) -> dict[str, Any]:
+        """Fold the fast tiers into the memory tiers on every module, re-initialise the fast tiers, record the
+        memory's column and row spaces for protection (see .consolidation for the equations). Base weights are not
+        touched. Returns the measured truncation errors."""
+        config = self.config
+        self._check_layout(layers)
+        memory, fast = config.memory_tiers, config.fast_tiers
+        if not fast:
+            raise ValueError(
+                f"consolidate() folds the fast tiers into the {config.consolidation_memory_tiers} slowest (memory) tiers, "
+                f"but adapter {self.adapter_name!r} has only the tiers {self.tiers}: set "
+                f"consolidation_memory_tiers below {len(self.tiers)}."
+            )
+        per_module: dict[str, dict[str, Any]] = {}
+        error_sq, norm_sq = 0.0, 0.0
+        for name, layer in layers.items():
+            scalings = layer.tier_scalings[self.adapter_name]
+            factors = {t: (self._factor(layer, t, "A"), self._factor(layer, t, "B"), scalings[t]) for t in self.tiers}
+            result = fold_into_memory(factors, memory)
+            if not all(torch.isfinite(t).all() for pair in result.memory_factors.values() for t in pair):
+                raise FloatingPointError(f"consolidate(): non-finite factors on module {name!r}; nothing was changed "
+                                         "on it (the adapter holds NaN or Inf?).")
+            for tier, (new_a, new_b) in result.memory_factors.items():
+                self._factor(layer, tier, "A").copy_(new_a)
+                self._factor(layer, tier, "B").copy_(new_b)
+            self.protected[name] = {"column": result.column_basis.detach().clone(),
+                                    "row": result.row_basis.detach().clone()}
+            for tier in fast:
+                factor_a, factor_b = self._factor(layer, tier, "A"), self._factor(layer, tier, "B")
+                fresh = torch.empty_like(factor_a)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # LoRA's initialisation of A
+                if config.protected_subspace in ("row", "both"):
+                    fresh = remove_row_component(fresh, result.row_basis, config.protection_strength)
+                factor_a.copy_(fresh)
+                factor_b.zero_()
+            for tier in self.tiers:
+                factor_a, factor_b = self._factor(layer, tier, "A"), self._factor(layer, tier, "B")
+                state = self.module_states[name][tier]
+                tensors = state.tensors
+                tensors["init_A"] = factor_a.detach().clone()
+                # memory tiers decay toward what was consolidated, fast tiers toward no change (B = 0)
+                tensors["init_B"] = factor_b.detach().clone() if tier in memory else torch.zeros_like(factor_b)
+                for which, factor in (("A", factor_a), ("B", factor_b)):
+                    tensors[f"anchor_{which}"] = factor.detach().clone()
+                    tensors[f"importance_{which}"] = torch.zeros_like(factor)
+                    tensors[f"screened_{which}"] = torch.zeros_like(factor, dtype=torch.bool)
+                state.subspace, state.stable_count, state.last_autocorr = None, 0, 0.0
+            norm = result.truncation_error / result.relative_truncation_error if result.relative_truncation_error else 0.0
+            error_sq += result.truncation_error ** 2
+            norm_sq += norm ** 2
+            per_module[name] = {"truncation_error": result.truncation_error,
+                                "relative_truncation_error": result.relative_truncation_error,
+                                "kept_rank": result.kept_rank}
+        dropped_requests = len(self.queue.pending)
+        self.queue.pending = []  # the patterns they named were folded away
+        reset_optimizer_tensors = self._reset_optimizer(layers, optimizer)
+        relative = [m["relative_truncation_error"] for m in per_module.values()]
+        report = {
+            "step": self.step_count,
+            "memory_tiers": memory,
+            "fast_tiers": fast,
+            "modules": len(per_module),
+            "truncation_error": math.sqrt(error_sq),
+            "relative_truncation_error": math.sqrt(error_sq / norm_sq) if norm_sq > 0 else 0.0,
+            "max_relative_truncation_error": max(relative) if relative else 0.0,
+            "dropped_migration_requests": dropped_requests,
+            "reset_optimizer_tensors": reset_optimizer_tensors,
+        }
+        self.counters["consolidations"] += 1
+        self.record("consolidation", tiers=memory + fast, **{k: v for k, v in report.items() if k != "step"},
+                    provenance=self._provenance())
+        return {**report, "per_module": per_module}
+
+    def _module_delta_norm(self, layer: "DynamicLoraLayer") -> float:
+        """||sum_t s_t B_t A_t||_F of one module, from the factors' Gram matrices."""
+        scalings = layer.tier_scalings[self.adapter_name]
+        left = torch.cat([scalings[t] * self._factor(layer, t, "B").float() for t in self.tiers], dim=1)
+        right = torch.cat([self._factor(layer, t, "A").float() for t in self.tiers], dim=0)
+        return math.sqrt(max(float(((left.T @ left) * (right @ right.T)).sum()), 0.0))
+
+    def _reset_optimizer(self, layers: dict[str, "DynamicLoraLayer"], optimizer) -> int:
+        """Drop the optimizer state (e.g. Adam moments) of every factor: it describes factors that no longer exist."""
+        if optimizer is None:
+            return 0
+        params = [
+            getattr(self._factor(layer, tier, which), "sharded_source", self._factor(layer, tier, which))
+            for layer in layers.values()
+            for tier in self.tiers
+            for which in FACTOR_FIELDS
+        ]
+        count = 0
+        for param in params:
+            if param in optimizer.state:
+                del optimizer.state[param]
+                count += 1
+        return count
 
     # ----- anchors, optimizer --------------------------------------------------------------------------
     def _set_anchors(self, layers: dict[str, "DynamicLoraLayer"]) -> None:
@@ -548,6 +710,8 @@ class AdapterDynamics:
             if norm <= 1e-12:
                 self.record("migration_skipped", module=module, tiers=[source, target], reason="empty source")
                 return None
+        # what the adapter does to this module before the move: the reference of the health criterion
+        adapter_norm = self._module_delta_norm(layer)
         result = migrate_pattern(src_a, src_b, scalings[source], dst_a, dst_b, scalings[target],
                                  subspace, config.migration_rate)
         if not all(torch.isfinite(t).all() for t in (result.source_b, result.target_a, result.target_b)):
@@ -574,7 +738,11 @@ class AdapterDynamics:
             self._state_tensor(state, "anchor_A", factor_a).copy_(factor_a)
             self._state_tensor(state, "anchor_B", factor_b).copy_(factor_b)
         self.counters["migrations"] += 1
-        self.recent_truncation.append(result.relative_truncation_error)
+        # Health judges the change of the module's whole delta W (what the model computes), not of the destination
+        # tier: early in training every tier is full-rank noise, and squeezing rank r + k into rank r cuts ~30% of
+        # the destination's small sum while the adapter's output moves by a fraction of a percent.
+        adapter_relative = result.truncation_error / adapter_norm if adapter_norm > 0 else 0.0
+        self.recent_truncation.append(adapter_relative)
         entry = self.record(
             "migration",
             module=module,
@@ -583,6 +751,7 @@ class AdapterDynamics:
             moved_norm=result.moved_norm,
             truncation_error=result.truncation_error,
             relative_truncation_error=result.relative_truncation_error,
+            adapter_relative_truncation_error=adapter_relative,
             wait=((self.step_count if tick is None else tick) - request.enqueued_tick) if request is not None else 0,
             fast_track=bool(request.fast_track) if request is not None else False,
             rollback_point=point.point_id,
@@ -726,6 +895,9 @@ class AdapterDynamics:
                     "last_autocorr": state.last_autocorr,
                     "has_subspace": state.subspace is not None,
                 }
+        for name, bases in self.protected.items():
+            for side, basis in bases.items():
+                tensors[f"protected.{name}.{side}"] = basis.detach().cpu()
         ring = []
         for point in self.ring.points:
             ring.append(point.describe())
@@ -842,7 +1014,14 @@ class AdapterDynamics:
         self.health_counts = {s: int(payload["health_counts"][s]) for s in HEALTH_STATES}
         self.recent_truncation = deque((float(v) for v in payload["recent_truncation"]), maxlen=20)
         self.conflict_history = deque((int(v) for v in payload["conflict_history"]), maxlen=100)
-        self.counters = {k: int(v) for k, v in payload["counters"].items()}
+        # states written before a counter existed lack it
+        self.counters = {**EMPTY_COUNTERS, **{k: int(v) for k, v in payload["counters"].items()}}
+        protected: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("protected."):
+                module, side = key[len("protected."):].rsplit(".", 1)
+                protected.setdefault(module, {})[side] = tensor.clone()
+        self.protected = protected
         self.last_nonfinite_step = int(payload["last_nonfinite_step"])
         self.last_metrics = payload["last_metrics"]
 

@@ -20,6 +20,7 @@ from .config import (
     DYNAMICS_STATE_JSON_NAME,
     DYNAMICS_STATE_TENSORS_NAME,
     DYNAMICS_STATE_TIERS_METADATA,
+    PRE_ISSUE_20_RANKS,
     DynamicLoraConfig,
 )
 from .dynamics import STATE_FORMAT, AdapterDynamics, factor_key
@@ -231,6 +232,42 @@ class DynamicLoraModel(BaseTuner):
                     layers, optimizer=optimizer, allow_missing_gradients=allow_missing_gradients
                 )
         return metrics[names[0]] if len(names) == 1 else metrics
+
+    def consolidate(self, adapter_name: Optional[str] = None, optimizer: Optional[torch.optim.Optimizer] = None
+                    ) -> dict[str, Any]:
+        """Fold the fast tiers into the memory tiers and protect what was consolidated (README, "Consolidation").
+
+        On every adapted module, the summed delta W of all tiers is replaced by its truncated SVD held by the
+        `consolidation_memory_tiers` slowest tiers (strongest directions in the slowest tier); the faster tiers are
+        re-initialised (B = 0, fresh A), and the memory's column and row spaces are recorded for
+        `protected_subspace`. The base weights are not touched. Call it at a task or session boundary
+        (`DynamicLoraCallback(consolidate_every=..., consolidate_on_epoch=...)` or a `boundary` column do it under
+        Trainer). Passing the optimizer drops its now meaningless state (Adam moments) of the factors.
+
+        Returns the measured truncation error: "truncation_error" (||sum dW before - after||_F over all modules),
+        "relative_truncation_error" (the same over ||sum dW before||_F), "max_relative_truncation_error" (worst
+        module) and "per_module".
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"Unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}.")
+        layers = self.adapter_layers(adapter_name)
+        merged = sorted(name for name, layer in layers.items() if adapter_name in layer.merged_adapters)
+        if merged:
+            # the base weights hold the old delta W: unmerging after a consolidation would subtract the new one
+            raise ValueError(f"consolidate() changes the factors of adapter {adapter_name!r}, which is merged into the "
+                             f"base weights of {len(merged)} modules (e.g. {merged[0]}); call unmerge_adapter() first.")
+        with whole_factors(layers, adapter_name):
+            return self.dynamics(adapter_name).consolidate(layers, optimizer=optimizer)
+
+    def vertical_cosines(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, float]]:
+        """Per-module vertical-resonance cosines of the last dynamic_step(): {"slow->fast": {module: v}}.
+
+        v is the cosine between the fast tier's realised update of that step (before the dynamics acted on it) and
+        the slow tier's delta W; the tuner's per-tier value (`health()["tiers"][fast]["vertical"]`) is their mean.
+        Modules whose slow tier is zero or whose fast tier did not move have no cosine.
+        """
+        return {pair: dict(values) for pair, values in self.dynamics(adapter_name).vertical_cosines.items()}
 
     def health(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Health report: state (HEALTHY / ACCEPTABLE / DEGRADED / CRITICAL), reasons and the metrics behind it."""
@@ -451,9 +488,14 @@ class DynamicLoraModel(BaseTuner):
                 )
             rank_dim = 0 if match["which"] == "A" else 1
             if value.shape[rank_dim] != config.rank_of(tier):
+                hint = ""
+                if tier not in config.tier_ranks and value.shape[rank_dim] == PRE_ISSUE_20_RANKS[tier]:
+                    hint = (f" The adapter was saved with the former default ranks {PRE_ISSUE_20_RANKS}: add "
+                            f'"tier_ranks": {json.dumps({t: PRE_ISSUE_20_RANKS[t] for t in config.tiers})} to its '
+                            "adapter_config.json.")
                 raise ValueError(
                     f"The checkpoint's tier {tier!r} has rank {value.shape[rank_dim]} ({key}) but the adapter "
-                    f"config gives rank {config.rank_of(tier)}: the tier layouts differ."
+                    f"config gives rank {config.rank_of(tier)}: the tier layouts differ.{hint}"
                 )
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict

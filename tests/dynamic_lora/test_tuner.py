@@ -19,10 +19,10 @@ from dynamic_lora_helpers import SMALL_RANKS, batch, small_config, tiny_gpt2, ti
 def test_default_tiers_follow_the_spec():
     config = DynamicLoraConfig(target_modules=["q_proj"])
     assert config.tiers == ["foundation", "domain", "swarm", "agent", "context"]
-    assert [config.rank_of(t) for t in config.tiers] == [64, 32, 16, 8, 4]
+    assert [config.rank_of(t) for t in config.tiers] == [32, 16, 8, 4, 2]
     assert [config.inertia_of(t) for t in config.tiers] == [0.99, 0.9, 0.7, 0.5, 0.1]
     assert [config.scope_of(t) for t in config.tiers] == ["shared", "shared", "swarm", "agent", "session"]
-    assert config.total_rank == 124
+    assert config.total_rank == 62
     assert config.peft_type == PeftType.DYNAMIC_LORA
     assert (config.importance_beta, config.screened_decay, config.free_decay) == (0.85, 1e-4, 1e-2)
     assert (config.autocorr_window, config.stable_windows, config.stability_threshold) == (100, 3, 0.7)
@@ -266,3 +266,35 @@ def test_tier_scaling_is_alpha_over_rank_when_alpha_is_given():
                    for t in default.tiers)
     with torch.no_grad():
         torch.testing.assert_close(layer(x) - layer.get_base_layer()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_tiers_stay_under_five_percent_of_smollm2_135m_on_the_default_targets():
+    """Issue 20: the default ranks (32/16/8/4/2) on PEFT's q/v targets, and the share on all four attention projections
+    (README, DynamicLoRA). SmolLM2-135M's shapes on the meta device: nothing is allocated for the base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    shares = {}
+    for label, targets in (("q_v", None), ("attention", ["q_proj", "k_proj", "v_proj", "o_proj"])):
+        with torch.device("meta"):
+            base = LlamaForCausalLM(shapes)
+        base_parameters = sum(p.numel() for p in base.parameters())
+        model = get_peft_model(base, DynamicLoraConfig(task_type="CAUSAL_LM", target_modules=targets))
+        adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shares[label] = adapter / base_parameters
+    assert base_parameters == 134_515_008
+    assert shares["q_v"] == pytest.approx(62 * 1920 * 30 / 134_515_008) and shares["q_v"] < 0.05  # 2.65%
+    assert shares["attention"] == pytest.approx(62 * 3840 * 30 / 134_515_008)  # 5.31%
+
+
+def test_an_adapter_saved_with_the_former_default_ranks_fails_to_load_with_the_fix_in_the_message(tmp_path):
+    model = get_peft_model(tiny_llama(), small_config(tiers=["agent", "context"], tier_ranks={"agent": 8, "context": 4}))
+    model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["tier_ranks"] = {}  # what an adapter saved with the defaults before issue 20 holds
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r'has rank 8 .* gives rank 4: the tier layouts differ\. The adapter was saved '
+                                         r'with the former default ranks .* add "tier_ranks": \{"agent": 8, "context": 4\}'):
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path))

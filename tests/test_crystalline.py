@@ -1,0 +1,164 @@
+"""Crystalline components (issue 17): geometric activations, phi-harmonic initialisation and LR schedule,
+auxiliary losses, metrics and the viz command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import reso_hf
+from isolation import run_without_reso_hf
+from reso_hf.modeling.crystalline import (
+    GOLDEN_RATIO,
+    PLATONIC_SOLIDS,
+    ResoLLMGeometricActivation,
+    edge_length,
+    group_widths,
+    phi_harmonic_std,
+    solid_vertices,
+)
+from reso_test_models import micro_config
+
+PHI = GOLDEN_RATIO
+VERTEX_COUNTS = {"tetrahedron": 4, "cube": 8, "octahedron": 6, "dodecahedron": 20, "icosahedron": 12}
+# vertices adjacent to each vertex (at the edge distance)
+VERTEX_DEGREES = {"tetrahedron": 3, "cube": 3, "octahedron": 4, "dodecahedron": 3, "icosahedron": 5}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. Geometric activations
+
+
+@pytest.mark.parametrize("solid", PLATONIC_SOLIDS)
+def test_vertex_sets_are_the_platonic_solids(solid):
+    vertices = solid_vertices(solid)
+    count = vertices.shape[0]
+    assert count == VERTEX_COUNTS[solid]
+    assert torch.allclose(vertices.norm(dim=-1), torch.ones(count, dtype=torch.float64), atol=1e-12)
+    # balanced and a spherical 2-design: what makes y(0) = 0 and the Jacobian at 0 isotropic
+    assert torch.allclose(vertices.sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(vertices.T @ vertices, count / 3 * torch.eye(3, dtype=torch.float64), atol=1e-12)
+    # vertex-transitive skeleton: every vertex has the same number of neighbours at the edge length
+    distances = torch.cdist(vertices, vertices)
+    degrees = ((distances - edge_length(vertices)).abs() < 1e-9).sum(-1)
+    assert degrees.tolist() == [VERTEX_DEGREES[solid]] * count
+    if solid != "tetrahedron":  # the other four are centrally symmetric: -V is V
+        negated = {tuple(np.round(v, 9)) for v in (-vertices).tolist()}
+        assert negated == {tuple(np.round(v, 9)) for v in vertices.tolist()}
+
+
+def test_widths_are_phi_scaled_around_the_edge():
+    edge = edge_length(solid_vertices("icosahedron"))
+    assert edge == pytest.approx(1.0514622242382672)
+    assert group_widths("icosahedron", 4).tolist() == pytest.approx([edge / PHI, edge, edge * PHI, edge / PHI])
+
+
+@pytest.mark.parametrize("solid", PLATONIC_SOLIDS)
+def test_geometric_activation_definition_shape_and_gradients(solid):
+    torch.manual_seed(0)
+    features = 11  # not a multiple of 3: the last group is zero-padded
+    activation = ResoLLMGeometricActivation(solid, features)
+    x = torch.randn(2, 5, features, dtype=torch.float64, requires_grad=True)
+    y = activation.double()(x)
+    assert y.shape == x.shape
+    # the definition, written out for group 1 (sigma = edge, the middle width)
+    vertices = solid_vertices(solid)
+    sigma = edge_length(vertices)
+    u = x[0, 0, 3:6]
+    bumps = torch.exp(-((u[None] - vertices) ** 2).sum(-1) / sigma**2)
+    slope = 2 * vertices.shape[0] / (3 * sigma**2) * math.exp(-1 / sigma**2)
+    # (the module keeps its vertices in float32: tolerances of float32 rounding)
+    assert torch.allclose(y[0, 0, 3:6], (bumps[:, None] * vertices).sum(0) / slope, atol=1e-6)
+    # zero at the origin and the identity to first order there
+    zero = torch.zeros(features, dtype=torch.float64)
+    assert torch.allclose(activation(zero), zero, atol=1e-7)
+    jacobian = torch.autograd.functional.jacobian(activation, zero)
+    assert torch.allclose(jacobian, torch.eye(features, dtype=torch.float64), atol=1e-6)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # far from the solid every response vanishes (a bump, not a ramp)
+    assert activation(torch.full((1, features), 50.0, dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_unknown_hidden_act_lists_the_allowed_values():
+    with pytest.raises(ValueError) as error:
+        micro_config(hidden_act="dodecagon")
+    message = str(error.value)
+    assert "hidden_act='dodecagon' is invalid" in message
+    for name in ("silu", "gelu", *PLATONIC_SOLIDS):
+        assert repr(name) in message
+
+
+@pytest.mark.parametrize("solid", PLATONIC_SOLIDS)
+def test_mlp_uses_the_solid(solid):
+    model = reso_hf.ResoLLMForCausalLM(micro_config(hidden_act=solid))
+    activation = model.model.layers[0].mlp.act_fn
+    assert isinstance(activation, ResoLLMGeometricActivation) and activation.solid == solid
+    # parameter-free: the same checkpoint keys as SiLU
+    plain = reso_hf.ResoLLMForCausalLM(micro_config())
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_remote_code_round_trip_with_geometric_activation_and_phi_init(tmp_path):
+    """Saved with hidden_act='icosahedron' and initializer='phi_harmonic', the folder loads with
+    trust_remote_code where reso_hf is not installed and gives identical logits."""
+    torch.manual_seed(0)
+    model = reso_hf.ResoLLMForCausalLM(micro_config(hidden_act="icosahedron", initializer="phi_harmonic")).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert (folder / "crystalline.py").is_file()
+    ids = [[3, 5, 7, 11, 13, 17]]
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).logits[0].numpy()
+    np.save(tmp_path / "expected.npy", expected)
+    output = run_without_reso_hf(
+        f"""
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor({ids})).logits[0].numpy()
+        assert np.array_equal(logits, np.load({str(tmp_path / "expected.npy")!r})), "logits differ"
+        print(type(model.model.layers[0].mlp.act_fn).__module__)
+        """,
+        tmp_path,
+    )
+    assert output.strip().startswith("transformers_modules.") and output.strip().endswith("crystalline")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Phi-harmonic initialisation
+
+
+def test_phi_harmonic_std_formula():
+    assert phi_harmonic_std(0.02, 0, 4, 64, 64, False) == pytest.approx(0.02)
+    assert phi_harmonic_std(0.02, 2, 4, 64, 64, False) == pytest.approx(0.02 * PHI**-0.5)
+    assert phi_harmonic_std(0.02, 2, 4, 256, 64, True) == pytest.approx(0.02 * PHI**-0.5 / PHI / 2)
+
+
+def test_phi_harmonic_initialisation_std_per_layer():
+    torch.manual_seed(0)
+    config = micro_config(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                          initializer="phi_harmonic", initializer_range=0.05)
+    model = reso_hf.ResoLLMForCausalLM(config)
+    for index, layer in enumerate(model.model.layers):
+        for module, name in ((layer.self_attn, "q_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_proj"),
+                             (layer.mlp, "down_proj")):
+            weight = getattr(module, name).weight
+            expected = phi_harmonic_std(0.05, index, 3, weight.shape[1], 128, name in ("o_proj", "down_proj"))
+            assert float(weight.std()) == pytest.approx(expected, rel=0.03), (index, name)
+    assert float(model.model.embed_tokens.weight.std()) == pytest.approx(0.05, rel=0.05)
+    plain = reso_hf.ResoLLMForCausalLM(micro_config(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                                                    num_attention_heads=4, initializer_range=0.05))
+    assert float(plain.model.layers[2].mlp.down_proj.weight.std()) == pytest.approx(0.05, rel=0.03)
+
+
+def test_unknown_initializer_lists_the_allowed_values():
+    with pytest.raises(ValueError, match=r"initializer='xavier' is invalid: expected one of \('normal', 'phi_harmonic'\)"):
+        micro_config(initializer="xavier")

@@ -40,5 +40,10 @@ from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraMod
 
 register_dynamic_lora()
 
+# The phi learning-rate schedule: `TrainingArguments(lr_scheduler_type="phi")` (issue 17).
+from .training.schedules import register_phi_schedule
+
+register_phi_schedule()
+
 # Hub sharing (SPEC §7): model/adapter cards and push; importing it installs the card-writing save hooks.
 from .hub import push_to_hub_folder, render_adapter_card, render_model_card, write_card

@@ -162,3 +162,153 @@ def test_phi_harmonic_initialisation_std_per_layer():
 def test_unknown_initializer_lists_the_allowed_values():
     with pytest.raises(ValueError, match=r"initializer='xavier' is invalid: expected one of \('normal', 'phi_harmonic'\)"):
         micro_config(initializer="xavier")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Phi learning-rate schedule
+
+
+def _phi_schedule_learning_rates(steps, **arguments):
+    from transformers import TrainingArguments
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    training = TrainingArguments(output_dir="unused", report_to="none", **arguments)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(training.lr_scheduler_type, optimizer, num_warmup_steps=training.warmup_steps,
+                              num_training_steps=steps, scheduler_specific_kwargs=training.lr_scheduler_kwargs)
+    rates = []
+    for _ in range(steps + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_phi_schedule_values_through_training_arguments():
+    # 2 warm-up steps, then D = 100 steps in 2 cycles: L0 = 100 / phi^2 = 38.197, L1 = 61.803
+    rates = _phi_schedule_learning_rates(102, lr_scheduler_type="phi", warmup_steps=2,
+                                         lr_scheduler_kwargs={"num_cycles": 2})
+    first = 100 / PHI**2
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.05) and rates[2] == pytest.approx(0.1)
+    assert rates[2 + 19] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 19 / first)))
+    assert rates[2 + 38] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 38 / first)))  # end of cycle 0: ~0
+    # the restart: back up to 1/phi of the peak, in a cycle phi times longer
+    assert rates[2 + 39] == pytest.approx(0.1 / PHI * 0.5 * (1 + math.cos(math.pi * (39 - first) / (first * PHI))))
+    assert rates[2 + 39] > 0.06
+    assert rates[102] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_phi_schedule_min_lr_ratio_and_recipe_flag():
+    from reso_hf.training import pretrain
+    from reso_hf.training.arguments import parse_recipe
+
+    rates = _phi_schedule_learning_rates(12, lr_scheduler_type="phi", lr_scheduler_kwargs={"num_cycles": 1,
+                                                                                            "min_lr_ratio": 0.25})
+    assert rates[0] == pytest.approx(0.1) and rates[12] == pytest.approx(0.025)
+    _, _, training = parse_recipe(pretrain.ARGUMENT_TYPES, None, ["--lr_scheduler_type", "phi", "--output_dir", "x"])
+    assert training.lr_scheduler_type == "phi"
+    with pytest.raises(ValueError, match=r"num_cycles=0 is invalid: expected an int >= 1"):
+        _phi_schedule_learning_rates(4, lr_scheduler_type="phi", lr_scheduler_kwargs={"num_cycles": 0})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Auxiliary losses
+
+from reso_hf.training.auxiliary_losses import (  # noqa: E402
+    AuxiliaryLossArguments,
+    coherence_loss,
+    holographic_loss,
+    holographic_subset,
+    resonance_loss,
+)
+
+
+def _kuramoto_outputs(weight_std: float, layers: int = 3):
+    from reso_hf.modeling.resonance import ResoLLMKuramoto
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16)
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0  # padding
+    phases, orders = [], []
+    for _ in range(layers):
+        kuramoto = ResoLLMKuramoto(16, 2, coupling_init=0.5)
+        torch.nn.init.normal_(kuramoto.phase_proj.weight, std=weight_std)
+        cos, sin, order, _ = kuramoto(hidden, mask, None)
+        phases.append((cos, sin))
+        orders.append(order)
+    return phases, orders, mask
+
+
+def test_resonance_and_coherence_losses_vanish_for_locked_phases():
+    phases, orders, mask = _kuramoto_outputs(0.0)  # every phase 0 in every layer
+    assert float(resonance_loss(phases, mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(coherence_loss(orders, mask)) == pytest.approx(0.0, abs=1e-7)
+    phases, orders, mask = _kuramoto_outputs(1.0)
+    assert float(resonance_loss(phases, mask)) > 0.3
+    assert float(coherence_loss(orders, mask)) > 0.1
+    # the definition on one hand-made case: layers at phase 0 and pi/2 everywhere -> 1 - cos(pi/2) = 1
+    ones, zeros = torch.ones(1, 1, 3), torch.zeros(1, 1, 3)
+    assert float(resonance_loss([(ones, zeros), (zeros, ones)])) == pytest.approx(1.0)
+    assert float(coherence_loss([torch.full((1, 1, 3), 0.25)])) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="needs >= 2 Kuramoto layers"):
+        resonance_loss(phases[:1])
+
+
+def test_holographic_loss_small_for_redundant_states_and_large_for_noise():
+    generator = torch.Generator().manual_seed(0)
+    subset = holographic_subset(32, 1 / PHI, generator)
+    assert len(subset) == 20
+    basis = torch.randn(3, 32)
+    redundant = torch.randn(4, 16, 3) @ basis  # rank 3: any 20 dims see all of it
+    assert float(holographic_loss(redundant, subset)) < 1e-2
+    noise = torch.randn(4, 64, 32)
+    assert float(holographic_loss(noise, subset)) > 0.2
+
+
+def _train_micro(tmp_path, name, auxiliary=None, steps=3):
+    from datasets import Dataset
+    from transformers import TrainingArguments, default_data_collator
+
+    from reso_hf.training.trainer import AtomicCheckpointTrainer
+
+    torch.manual_seed(0)
+    model = reso_hf.ResoLLMForCausalLM(micro_config(use_cache=False))
+    ids = torch.randint(3, 97, (8, 12), generator=torch.Generator().manual_seed(1))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    arguments = TrainingArguments(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=2,
+                                  learning_rate=1e-2, report_to="none", save_strategy="no", logging_steps=1,
+                                  use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = AtomicCheckpointTrainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                                      data_collator=default_data_collator, auxiliary_losses=auxiliary)
+    trainer.train()
+    return trainer
+
+
+def test_auxiliary_losses_in_the_trainer(tmp_path):
+    plain = _train_micro(tmp_path, "plain")
+    zero = _train_micro(tmp_path, "zero", AuxiliaryLossArguments())
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), zero.model.state_dict().items()):
+        assert torch.equal(a, b), name  # weight 0: bit-identical training
+    weighted = _train_micro(tmp_path, "weighted", AuxiliaryLossArguments(
+        resonance_loss_weight=0.5, coherence_loss_weight=0.5, holographic_loss_weight=0.5))
+    logged = [entry for entry in weighted.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:  # each term logged separately
+        for key in ("aux/resonance_loss", "aux/coherence_loss", "aux/holographic_loss"):
+            assert 0 < entry[key] <= 2
+    assert not torch.equal(weighted.model.lm_head.weight, plain.model.lm_head.weight)
+    # evaluation reports the plain language-model loss
+    with torch.no_grad():
+        batch = torch.tensor(weighted.eval_dataset["input_ids"])  # one eval batch of all 8 rows
+        expected = weighted.model.eval()(batch, labels=batch).loss
+    assert weighted.evaluate()["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_auxiliary_loss_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"coherence_loss_weight=-1.0 is invalid: expected a number >= 0"):
+        AuxiliaryLossArguments(coherence_loss_weight=-1.0)
+    with pytest.raises(ValueError, match=r"holographic_subset_fraction=1.0 is invalid"):
+        AuxiliaryLossArguments(holographic_subset_fraction=1.0)

@@ -138,6 +138,8 @@ COMMANDS = {
     "chat": Command("reso_hf.runtime.commands", "Interactive chat with a saved model."),
     "generate": Command("reso_hf.runtime.commands", "Generate a continuation of --prompt."),
     "card": Command("reso_hf.hub.commands", "(Re)render the model or adapter card (README.md) of a saved folder."),
+    "viz": Command("reso_hf.visualization.commands",
+                   "Write PNGs: geometric activations, coherence field r_t (layer x position), phase trajectories."),
     "push": Command("reso_hf.hub.commands", "Upload a saved folder to the Hub (public files only; --dry-run lists them)."),
 }
 

@@ -312,3 +312,108 @@ def test_auxiliary_loss_arguments_are_checked():
         AuxiliaryLossArguments(coherence_loss_weight=-1.0)
     with pytest.raises(ValueError, match=r"holographic_subset_fraction=1.0 is invalid"):
         AuxiliaryLossArguments(holographic_subset_fraction=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. Metrics (local evaluate modules)
+
+
+def _metric(name):
+    import evaluate
+
+    from reso_hf.metrics import metric_path
+
+    return evaluate.load(metric_path(name))
+
+
+def test_resonance_accuracy_is_the_shared_prime_factors():
+    from reso_hf.modeling.primes import first_primes
+
+    metric = _metric("resonance_accuracy")
+    prediction, reference = [5, 7, 7, 9], [7, 5, 11, 7]
+    result = metric.compute(predictions=[prediction, [1, 2]], references=[reference, [1, 2]])
+    assert result == {"resonance_accuracy": (0.75 + 1.0) / 2, "exact_match": 0.5, "count": 2}
+    # the definition: Omega(gcd(sig(pred), sig(ref))) / max length
+    primes = first_primes(12)
+    gcd = math.gcd(math.prod(primes[i] for i in prediction), math.prod(primes[i] for i in reference))
+    factors, p = 0, 2
+    while gcd > 1:
+        while gcd % p == 0:
+            gcd //= p
+            factors += 1
+        p += 1
+    assert factors / 4 == 0.75
+
+
+def test_coherence_score():
+    metric = _metric("coherence_score")
+    result = metric.compute(coherence=[[1.0, 0.5], [0.8, 0.2, 0.5]])
+    assert result["coherence_score"] == pytest.approx(3.0 / 5)
+    assert result["coherent_fraction"] == pytest.approx(2 / 5)  # 1.0 and 0.8 are >= 1/phi
+    assert result["min_example_coherence"] == pytest.approx(0.5) and result["tokens"] == 5
+    with pytest.raises(ValueError, match="must lie in"):
+        metric.compute(coherence=[[1.5]])
+
+
+def test_holographic_fidelity_is_one_minus_the_holographic_loss():
+    from reso_hf.training.auxiliary_losses import holographic_reconstruction
+
+    torch.manual_seed(0)
+    states = torch.randn(40, 12, dtype=torch.float64)
+    subset = holographic_subset(12, 0.5, torch.Generator().manual_seed(0))
+    reconstructed = holographic_reconstruction(states, subset)
+    result = _metric("holographic_fidelity").compute(predictions=reconstructed.tolist(), references=states.tolist())
+    assert result["holographic_fidelity"] == pytest.approx(1 - float(holographic_loss(states[None], subset)), abs=1e-6)
+    perfect = _metric("holographic_fidelity").compute(predictions=states.tolist(), references=states.tolist())
+    assert perfect["holographic_fidelity"] == pytest.approx(1.0) and perfect["mean_cosine"] == pytest.approx(1.0)
+
+
+def test_geometric_alignment():
+    metric = _metric("geometric_alignment")
+    result = metric.compute(vectors=[[0.0, 0.0, 2.0, 1.0, 1.0, 1.0]], solid="octahedron")
+    assert result["geometric_alignment"] == pytest.approx((1 + 1 / math.sqrt(3)) / 2)
+    assert result["aligned_fraction"] == 0.5 and result["groups"] == 2
+    assert result["chance_alignment"] == pytest.approx(0.8308, abs=1e-3)  # uniform directions (seed 0)
+    on_vertices = metric.compute(vectors=[(solid_vertices("icosahedron") * 3).flatten().tolist()], solid="icosahedron")
+    assert on_vertices["geometric_alignment"] == pytest.approx(1.0) and on_vertices["aligned_fraction"] == 1.0
+    with pytest.raises(ValueError, match=r"solid='sphere' is invalid: expected one of \('tetrahedron'"):
+        metric.compute(vectors=[[1.0, 0.0, 0.0]], solid="sphere")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. reso-hf viz
+
+
+def test_viz_command_writes_the_figures_from_the_model(tmp_path):
+    from reso_hf.visualization import activation_responses, coherence_field, phase_trajectories
+    from reso_hf_cli import main
+
+    curves = activation_responses("cube")
+    middle = len(curves["t"]) // 2
+    assert abs(float(curves["t"][middle])) < 1e-12 and abs(float(curves["vertex"][middle])) < 1e-7
+    slope = (curves["vertex"][middle + 1] - curves["vertex"][middle - 1]) / (curves["t"][middle + 1] - curves["t"][middle - 1])
+    assert float(slope) == pytest.approx(1.0, abs=0.01)  # the identity at the origin
+
+    torch.manual_seed(0)
+    tokenizer = reso_hf.create_default_tokenizer()
+    model = reso_hf.ResoLLMForCausalLM(micro_config(vocab_size=len(tokenizer))).eval()
+    for layer in model.model.layers:  # spread the phases so the field is not trivially 1
+        torch.nn.init.normal_(layer.self_attn.kuramoto.phase_proj.weight, std=1.0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    ids = tokenizer("resonance", return_tensors="pt")["input_ids"]
+    field = coherence_field(model, ids)
+    with torch.no_grad():
+        expected = torch.stack([r[0].mean(0) for r in model(ids, output_coherence=True).coherence])
+    assert field.shape == (2, ids.shape[1]) and torch.allclose(field, expected)
+    trajectories = phase_trajectories(model, ids)
+    with torch.no_grad():
+        head_zero = torch.stack([r[0, 0] for r in model(ids, output_coherence=True).coherence])
+    assert torch.allclose(trajectories.norm(dim=-1), head_zero, atol=1e-6)  # |z_t| = r_t
+
+    assert main(["viz", "--output_dir", str(tmp_path / "figures"), "--model", str(tmp_path / "model"),
+                 "--text", "resonance"]) == 0
+    for name in ("activation_responses.png", "coherence_field.png", "phase_space_trajectories.png"):
+        assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "activation_responses.png", "coherence_field.png", "phase_space_trajectories.png"]

@@ -98,18 +98,24 @@ def holographic_subset(hidden_size: int, fraction: float, generator: torch.Gener
     return torch.randperm(hidden_size, generator=generator)[:size].sort().values
 
 
+def holographic_reconstruction(states: torch.Tensor, subset: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """X W: the states Y (N, d) reconstructed from their dims `subset` by the ridge head fitted on Y itself,
+    W = (X^T X + ridge * mean(diag X^T X) I)^(-1) X^T Y with X = Y[:, subset] (float32 or wider)."""
+    targets = states if states.dtype in (torch.float32, torch.float64) else states.float()
+    inputs = targets[:, subset.to(targets.device)]
+    gram = inputs.T @ inputs
+    regulariser = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    return inputs @ torch.linalg.solve(gram + regulariser * eye, inputs.T @ targets)
+
+
 def holographic_loss(hidden_states: torch.Tensor, subset: torch.Tensor, mask: torch.Tensor | None = None,
                      ridge: float = 1e-3) -> torch.Tensor:
     """L_hol of hidden states (B, T, d) reconstructed from the dims `subset` by the closed-form ridge head."""
     targets = hidden_states.float().flatten(0, 1)
     if mask is not None:
         targets = targets[mask.flatten().bool()]
-    inputs = targets[:, subset.to(targets.device)]
-    gram = inputs.T @ inputs
-    regulariser = ridge * gram.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    head = torch.linalg.solve(gram + regulariser * eye, inputs.T @ targets)
-    residual = inputs @ head - targets
+    residual = holographic_reconstruction(targets, subset, ridge) - targets
     return residual.square().sum() / targets.square().sum().clamp(min=1e-12)
 
 
@@ -125,14 +131,17 @@ def final_norm(model):
 def capture_resonance(model, phases: bool, hidden: bool):
     """Record, during one forward pass, each Kuramoto layer's (cos theta', sin theta', r) and the final hidden state.
 
-    Yields a dict with lists "phases" and "orders" (one entry per Kuramoto layer, in order) and "hidden"."""
-    captured = {"phases": [], "orders": [], "hidden": None}
+    Yields a dict with lists "phases" (cos, sin), "orders" (r) and "sums" (running [sum cos theta, sum sin theta,
+    count], whose first two over the count are the mean field z_t), one entry per Kuramoto layer in order, and
+    "hidden"."""
+    captured = {"phases": [], "orders": [], "sums": [], "hidden": None}
     handles = []
 
     def on_kuramoto(module, arguments, output):
-        cos, sin, order, _ = output
+        cos, sin, order, sums = output
         captured["phases"].append((cos, sin))
         captured["orders"].append(order)
+        captured["sums"].append(sums)
 
     def on_norm(module, arguments, output):
         captured["hidden"] = output

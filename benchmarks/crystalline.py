@@ -2,6 +2,13 @@
 
     nice -n 10 python benchmarks/crystalline.py ../shared/data/guanaco/openassistant_best_replies_eval.jsonl [--quick]
 
+or one seed per process, then merged (what produced results/crystalline.json):
+
+    DATA=../shared/data/guanaco/openassistant_best_replies_eval.jsonl
+    nice -n 10 python benchmarks/crystalline.py $DATA --seeds 0 --tag seed0 &
+    nice -n 10 python benchmarks/crystalline.py $DATA --seeds 1 --tag seed1; wait
+    python benchmarks/crystalline.py --merge benchmarks/results/crystalline_seed0.json benchmarks/results/crystalline_seed1.json
+
 The quality benchmark's setup (benchmarks/quality.py): the same rows, 10% held out by a seeded permutation (split
 seed 0 for every run), a byte-level BPE trained on the training rows, packed blocks, a ResoLLM preset with
 its default switches (the `tiny` preset by default: the shared machine is slow), Trainer's AdamW with warm-up,
@@ -141,20 +148,28 @@ def plot(rows: dict, path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", help="guanaco-format jsonl")
+    parser.add_argument("data", nargs="?", help="guanaco-format jsonl (not with --merge)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (about a minute)")
-    # The defaults fit about 30 minutes on 2 CPU cores shared with a load of ~18 (issue 17's run); quality.py's
-    # budget is --preset small --steps 60 --block_size 128 where there is compute.
+    # The defaults fit about 20 minutes (two processes) on 2 CPU cores shared with a load of ~30 (issue 17's run);
+    # quality.py's budget is --preset small --steps 60 --block_size 128 --max_eval_blocks 24 where there is compute.
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--block_size", type=int, default=32)
     parser.add_argument("--vocab_size", type=int, default=1024)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--max_eval_blocks", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--max_eval_blocks", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tag", default=None,
+                        help="write crystalline_<tag>.json only (e.g. one seed per process), for --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine the runs of tagged result files into crystalline.json/.png (no training)")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge)
+    if args.data is None:
+        parser.error("the data file is required (except with --merge)")
     if args.quick:
         args.steps, args.block_size, args.batch_size, args.max_eval_blocks, args.seeds = 3, 32, 2, 4, [0]
     args.eval_points = 1  # read by quality.training_arguments; evaluation runs once, at the end
@@ -172,20 +187,46 @@ def main():
     for seed in args.seeds:  # seeds outermost: a load change on the shared machine hits every variant alike
         for name in VARIANTS:
             runs[name][str(seed)] = train_one(name, seed, args, tokenizer, train, held_out)
-    rows = summarise(runs, args.seeds)
-    table = markdown_table(rows, args.seeds)
-    result = {"command": " ".join(sys.argv), "settings": vars(args), "auxiliary_weight": AUX_WEIGHT,
-              "runs": runs, "summary": rows, "table": table,
+    result = {"commands": [" ".join(sys.argv)], "settings": vars(args), "auxiliary_weight": AUX_WEIGHT, "runs": runs,
               "versions": {"torch": torch.__version__, "reso_hf": reso_hf.__version__},
               "threads": torch.get_num_threads()}
+    if args.tag:
+        write_json(RESULTS / f"crystalline_{args.tag}.json", result)
+        print(f"wrote {RESULTS / f'crystalline_{args.tag}.json'}")
+        return
+    finish(result, args.seeds, RESULTS / ("crystalline_quick" if args.quick else "crystalline"))
+
+
+def write_json(path: Path, content: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / ("crystalline_quick" if args.quick else "crystalline")
-    temporary = stem.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, stem.with_suffix(".json"))
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+def finish(result: dict, seeds: list[int], stem: Path) -> None:
+    rows = summarise(result["runs"], seeds)
+    table = markdown_table(rows, seeds)
+    write_json(stem.with_suffix(".json"), {**result, "summary": rows, "table": table})
     plot(rows, stem.with_suffix(".png"))
     print(table)
     print(f"wrote {stem.with_suffix('.json')} and .png")
+
+
+def merge(paths: list[str]) -> None:
+    """One result from tagged files of the same settings (seeds run by separate processes)."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    settings = [{k: v for k, v in part["settings"].items() if k not in ("seeds", "tag")} for part in parts]
+    if any(s != settings[0] for s in settings):
+        raise ValueError(f"cannot merge runs of different settings: {settings}")
+    runs = {name: {} for name in VARIANTS}
+    for part in parts:
+        for name, by_seed in part["runs"].items():
+            runs[name].update(by_seed)
+    seeds = sorted({int(seed) for part in parts for seed in part["runs"][BASELINE]})
+    result = {**parts[0], "commands": [c for part in parts for c in part["commands"]] + [" ".join(sys.argv)],
+              "settings": {**parts[0]["settings"], "seeds": seeds, "tag": None}, "runs": runs}
+    finish(result, seeds, RESULTS / "crystalline")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ common fields:
   --learning_rate LR            peak learning rate
   --per_device_train_batch_size N
   --seed N                      seed of the run
+  --lr_scheduler_type NAME      linear, cosine, ... or phi (warm-up, then phi-decay restarts)
+  --resonance_loss_weight W     auxiliary losses (also --coherence_loss_weight, --holographic_loss_weight; 0 = off)
   --resume                      continue exactly from the last checkpoint in output_dir
   --overwrite_output_dir        replace the run already in output_dir
 

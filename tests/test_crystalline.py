@@ -207,8 +207,10 @@ def test_phi_schedule_min_lr_ratio_and_recipe_flag():
     rates = _phi_schedule_learning_rates(12, lr_scheduler_type="phi", lr_scheduler_kwargs={"num_cycles": 1,
                                                                                             "min_lr_ratio": 0.25})
     assert rates[0] == pytest.approx(0.1) and rates[12] == pytest.approx(0.025)
-    _, _, training = parse_recipe(pretrain.ARGUMENT_TYPES, None, ["--lr_scheduler_type", "phi", "--output_dir", "x"])
+    model_args, _, training = parse_recipe(pretrain.ARGUMENT_TYPES, None, [
+        "--lr_scheduler_type", "phi", "--output_dir", "x", "--coherence_loss_weight", "0.1"])
     assert training.lr_scheduler_type == "phi"
+    assert model_args.weights() == {"resonance": 0.0, "coherence": 0.1, "holographic": 0.0}
     with pytest.raises(ValueError, match=r"num_cycles=0 is invalid: expected an int >= 1"):
         _phi_schedule_learning_rates(4, lr_scheduler_type="phi", lr_scheduler_kwargs={"num_cycles": 0})
 

@@ -30,7 +30,9 @@ PLATONIC_SOLIDS = ("tetrahedron", "cube", "octahedron", "dodecahedron", "icosahe
 INITIALIZERS = ("normal", "phi_harmonic")
 # Projections that write into the residual stream: phi_harmonic gives them one more factor 1/phi.
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
-PHI_HARMONIC_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The decoder layer's projections that phi_harmonic draws, by submodule.
+PHI_HARMONIC_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                            "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 def _cyclic_permutations(point):

@@ -297,11 +297,11 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = ResoLLMAttention(config, layer_idx)
         self.mlp = ResoLLMMLP(config)
         # Where each projection sits, for `initializer="phi_harmonic"` (`_init_weights` sees one module at a time).
-        for name in PHI_HARMONIC_PROJECTIONS:
-            projection = getattr(self.mlp if name.endswith(("gate_proj", "up_proj", "down_proj")) else self.self_attn,
-                                 name)
-            projection.phi_harmonic_depth = layer_idx
-            projection.writes_residual = name in RESIDUAL_WRITERS
+        for submodule, names in PHI_HARMONIC_PROJECTIONS.items():
+            for name in names:
+                projection = getattr(getattr(self, submodule), name)
+                projection.phi_harmonic_depth = layer_idx
+                projection.writes_residual = name in RESIDUAL_WRITERS
         self.input_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.coherence_gate = (

@@ -309,6 +309,18 @@ def test_auxiliary_losses_in_the_trainer(tmp_path):
     assert weighted.evaluate()["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_auxiliary_loss_weights_enter_the_run_fingerprint_only_when_set():
+    """A run folder written before the auxiliary losses existed must still match (resume) at weight 0."""
+    from reso_hf.training.arguments import DataArguments, PretrainArguments
+    from reso_hf.training.run_folder import run_fingerprint
+
+    data = DataArguments(use_bundled_sample=True)
+    default = run_fingerprint("pretrain", (PretrainArguments(), data), data)["fields"]
+    assert not {"resonance_loss_weight", "coherence_loss_weight", "holographic_subset_fraction"} & set(default)
+    weighted = run_fingerprint("pretrain", (PretrainArguments(coherence_loss_weight=0.1), data), data)["fields"]
+    assert weighted == {**default, "coherence_loss_weight": 0.1}
+
+
 def test_auxiliary_loss_arguments_are_checked():
     with pytest.raises(ValueError, match=r"coherence_loss_weight=-1.0 is invalid: expected a number >= 0"):
         AuxiliaryLossArguments(coherence_loss_weight=-1.0)

@@ -7,7 +7,9 @@ or one seed per process, then merged (what produced results/crystalline.json):
     DATA=../shared/data/guanaco/openassistant_best_replies_eval.jsonl
     nice -n 10 python benchmarks/crystalline.py $DATA --seeds 0 --tag seed0 &
     nice -n 10 python benchmarks/crystalline.py $DATA --seeds 1 --tag seed1; wait
-    python benchmarks/crystalline.py --merge benchmarks/results/crystalline_seed0.json benchmarks/results/crystalline_seed1.json
+    nice -n 10 python benchmarks/crystalline.py $DATA --speed --tag speed   # step times, variants interleaved
+    python benchmarks/crystalline.py --merge benchmarks/results/crystalline_seed{0,1}.json \
+        benchmarks/results/crystalline_speed.json
 
 The quality benchmark's setup (benchmarks/quality.py): the same rows, 10% held out by a seeded permutation (split
 seed 0 for every run), a byte-level BPE trained on the training rows, packed blocks, a ResoLLM preset with
@@ -91,18 +93,46 @@ def train_one(name, seed, args, tokenizer, train, held_out) -> dict:
             "step_time_s": min(steps), "median_step_time_s": statistics.median(steps), "last_aux_losses": aux_logged}
 
 
-def summarise(runs: dict, seeds: list[int]) -> dict:
+def measure_speed(args, tokenizer, train) -> dict:
+    """Fastest optimizer step of each variant over `speed_repeats` short runs of `speed_steps` steps, the variants
+    interleaved (round robin) so that a change of load on the machine hits all of them alike."""
+    fastest = {name: float("inf") for name in VARIANTS}
+    for _ in range(args.speed_repeats):
+        for name in VARIANTS:
+            config_overrides, training_overrides, auxiliary, _ = VARIANTS[name]
+            training = training_arguments(args, "/tmp/crystalline_bench/speed", args.speed_steps)
+            training.eval_strategy = "no"
+            for key, value in training_overrides.items():
+                setattr(training, key, value)
+            training.__post_init__()
+            torch.manual_seed(0)
+            clock = StepClock()
+            trainer = AtomicCheckpointTrainer(model=reso_model(config_overrides, tokenizer, args.preset), args=training,
+                                              train_dataset=train, data_collator=default_data_collator,
+                                              callbacks=[clock], auxiliary_losses=AuxiliaryLossArguments(**auxiliary))
+            trainer.train()
+            steps = [b - a for a, b in zip(clock.step_ends, clock.step_ends[1:])]
+            fastest[name] = min(fastest[name], min(steps))
+    print("  fastest step: " + ", ".join(f"{name.split(' ')[0]} {t * 1000:.0f} ms" for name, t in fastest.items()),
+          flush=True)
+    return fastest
+
+
+def summarise(runs: dict, seeds: list[int], speed: dict | None = None) -> dict:
     rows = {}
     for name, (_, _, _, counterpart) in VARIANTS.items():
+        if any(str(s) not in runs.get(name, {}) for s in seeds):
+            continue  # not measured for every seed (a stopped run): left out of the table, listed in the JSON
         reference = BASELINE if counterpart else None
         losses = [runs[name][str(s)]["held_out_loss"] for s in seeds]
-        times = [runs[name][str(s)]["step_time_s"] for s in seeds]
+        times = [speed[name]] if speed else [runs[name][str(s)]["step_time_s"] for s in seeds]
         row = {"held_out_loss": losses, "mean_held_out_loss": statistics.mean(losses),
                "step_time_s": min(times)}
         if reference:
             deltas = [loss - runs[reference][str(s)]["held_out_loss"] for loss, s in zip(losses, seeds)]
             row.update(counterpart=reference, delta_vs_counterpart=deltas, mean_delta=statistics.mean(deltas),
-                       step_time_ratio=row["step_time_s"] / min(runs[reference][str(s)]["step_time_s"] for s in seeds),
+                       step_time_ratio=row["step_time_s"] / (speed[reference] if speed else min(
+                           runs[reference][str(s)]["step_time_s"] for s in seeds)),
                        wins=all(d < 0 for d in deltas))
         rows[name] = row
     return rows
@@ -161,6 +191,10 @@ def main():
     parser.add_argument("--max_eval_blocks", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--speed", action="store_true",
+                        help="only measure step times (interleaved short runs) into crystalline_<tag>.json, for --merge")
+    parser.add_argument("--speed_steps", type=int, default=6)
+    parser.add_argument("--speed_repeats", type=int, default=2)
     parser.add_argument("--tag", default=None,
                         help="write crystalline_<tag>.json only (e.g. one seed per process), for --merge")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -183,15 +217,22 @@ def main():
     print(f"{len(train)} train blocks, {len(held_out)} held-out blocks of {args.block_size}; {args.steps} steps x "
           f"{args.batch_size}; seeds {args.seeds}; {torch.get_num_threads()} threads", flush=True)
 
+    if args.speed:
+        tag = args.tag or "speed"
+        write_json(RESULTS / f"crystalline_{tag}.json", {"commands": [" ".join(sys.argv)], "settings": vars(args),
+                                                          "speed": measure_speed(args, tokenizer, train)})
+        print(f"wrote {RESULTS / f'crystalline_{tag}.json'}")
+        return
     runs = {name: {} for name in VARIANTS}
-    for seed in args.seeds:  # seeds outermost: a load change on the shared machine hits every variant alike
-        for name in VARIANTS:
-            runs[name][str(seed)] = train_one(name, seed, args, tokenizer, train, held_out)
     result = {"commands": [" ".join(sys.argv)], "settings": vars(args), "auxiliary_weight": AUX_WEIGHT, "runs": runs,
               "versions": {"torch": torch.__version__, "reso_hf": reso_hf.__version__},
               "threads": torch.get_num_threads()}
+    for seed in args.seeds:  # seeds outermost: a load change on the shared machine hits every variant alike
+        for name in VARIANTS:
+            runs[name][str(seed)] = train_one(name, seed, args, tokenizer, train, held_out)
+            if args.tag:  # after every run: a stopped process keeps what it measured
+                write_json(RESULTS / f"crystalline_{args.tag}.json", result)
     if args.tag:
-        write_json(RESULTS / f"crystalline_{args.tag}.json", result)
         print(f"wrote {RESULTS / f'crystalline_{args.tag}.json'}")
         return
     finish(result, args.seeds, RESULTS / ("crystalline_quick" if args.quick else "crystalline"))
@@ -205,9 +246,12 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def finish(result: dict, seeds: list[int], stem: Path) -> None:
-    rows = summarise(result["runs"], seeds)
+    rows = summarise(result["runs"], seeds, result.get("speed"))
     table = markdown_table(rows, seeds)
-    write_json(stem.with_suffix(".json"), {**result, "summary": rows, "table": table})
+    missing = [name for name in VARIANTS if name not in rows]
+    write_json(stem.with_suffix(".json"), {**result, "summary": rows, "table": table, "not_measured": missing})
+    if missing:
+        print(f"not measured for every seed: {missing}")
     plot(rows, stem.with_suffix(".png"))
     print(table)
     print(f"wrote {stem.with_suffix('.json')} and .png")
@@ -216,6 +260,8 @@ def finish(result: dict, seeds: list[int], stem: Path) -> None:
 def merge(paths: list[str]) -> None:
     """One result from tagged files of the same settings (seeds run by separate processes)."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
+    speed = [part["speed"] for part in parts if "speed" in part]
+    parts = [part for part in parts if "speed" not in part]
     settings = [{k: v for k, v in part["settings"].items() if k not in ("seeds", "tag")} for part in parts]
     if any(s != settings[0] for s in settings):
         raise ValueError(f"cannot merge runs of different settings: {settings}")
@@ -226,6 +272,8 @@ def merge(paths: list[str]) -> None:
     seeds = sorted({int(seed) for part in parts for seed in part["runs"][BASELINE]})
     result = {**parts[0], "commands": [c for part in parts for c in part["commands"]] + [" ".join(sys.argv)],
               "settings": {**parts[0]["settings"], "seeds": seeds, "tag": None}, "runs": runs}
+    if speed:  # the dedicated interleaved measurements (fastest of all) replace the training runs' step times
+        result["speed"] = {name: min(part[name] for part in speed) for name in VARIANTS}
     finish(result, seeds, RESULTS / "crystalline")
 
 

@@ -57,8 +57,8 @@ def blocks(texts, tokenizer, block_size) -> Dataset:
     return Dataset.from_dict(pack_documents(documents, block_size, tokenizer.pad_token_id))
 
 
-def reso_model(switches, tokenizer):
-    config = reso_hf.small_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+def reso_model(switches, tokenizer, preset="small"):
+    config = getattr(reso_hf, f"{preset}_config")(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   use_cache=False, **switches)
     return reso_hf.ResoLLMForCausalLM(config)

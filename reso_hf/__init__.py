@@ -40,6 +40,11 @@ from .dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, DynamicLoraMod
 
 register_dynamic_lora()
 
+# The phi learning-rate schedule: `TrainingArguments(lr_scheduler_type="phi")` (issue 17).
+from .training.schedules import register_phi_schedule
+
+register_phi_schedule()
+
 # Hub sharing (SPEC §7): model/adapter cards and push; importing it installs the card-writing save hooks.
 # The indexed SMF memory (issue 15): registers temporal_smf.store="indexed"; faiss/networkx load only when used.
 from .memory.backend import IndexedSMFMemory, open_memory_store

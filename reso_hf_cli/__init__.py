@@ -56,6 +56,8 @@ common fields:
   --learning_rate LR            peak learning rate
   --per_device_train_batch_size N
   --seed N                      seed of the run
+  --lr_scheduler_type NAME      linear, cosine, ... or phi (warm-up, then phi-decay restarts)
+  --resonance_loss_weight W     auxiliary losses (also --coherence_loss_weight, --holographic_loss_weight; 0 = off)
   --resume                      continue exactly from the last checkpoint in output_dir
   --overwrite_output_dir        replace the run already in output_dir
 
@@ -138,6 +140,8 @@ COMMANDS = {
     "chat": Command("reso_hf.runtime.commands", "Interactive chat with a saved model."),
     "generate": Command("reso_hf.runtime.commands", "Generate a continuation of --prompt."),
     "card": Command("reso_hf.hub.commands", "(Re)render the model or adapter card (README.md) of a saved folder."),
+    "viz": Command("reso_hf.visualization.commands",
+                   "Write PNGs: geometric activations, coherence field r_t (layer x position), phase trajectories."),
     "push": Command("reso_hf.hub.commands", "Upload a saved folder to the Hub (public files only; --dry-run lists them)."),
 }
 

@@ -2,7 +2,9 @@
 
 from importlib import resources
 
-METRICS = ("perplexity", "forgetting", "stability")
+METRICS = ("perplexity", "forgetting", "stability",
+           # crystalline components (issue 17): each folder's README.md is its module card with the definition
+           "resonance_accuracy", "coherence_score", "holographic_fidelity", "geometric_alignment")
 
 
 def metric_path(name: str) -> str:

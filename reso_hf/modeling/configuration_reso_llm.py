@@ -9,11 +9,15 @@ from dataclasses import dataclass, field
 
 from transformers import LlamaConfig, PretrainedConfig
 
+from .crystalline import INITIALIZERS, PLATONIC_SOLIDS
+
 RESO_HF_VERSION = "0.1.0"
 GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
 ROPE_SPECTRA = ("geometric", "golden")
 MEMORY_STORES = ("list", "indexed")
 MEMORY_STORE_COMPRESSIONS = ("fp32", "fp16", "int8")
+STANDARD_ACTIVATIONS = ("silu", "gelu", "relu", "gelu_pytorch_tanh")
+HIDDEN_ACTIVATIONS = STANDARD_ACTIVATIONS + PLATONIC_SOLIDS
 
 
 def _check(condition: bool, field_name: str, value, allowed: str):
@@ -213,6 +217,11 @@ class ResoLLMConfig(PretrainedConfig):
     - `kuramoto` (bool): causal Kuramoto phase coupling on a reserved 2-d slice of each head (§3.3).
     - `kuramoto_keeps_position` (bool): the content phase is added to the reserved pair's positional angle instead
       of replacing it, so a zero phase projection leaves standard RoPE intact (models converted from Llama set it).
+    - `hidden_act` (str): the MLP's gate activation, a standard one (silu, gelu, relu, gelu_pytorch_tanh) or a
+      Platonic solid (tetrahedron, cube, octahedron, dodecahedron, icosahedron: `crystalline.py`, README
+      "Crystalline components").
+    - `initializer` ("normal" | "phi_harmonic"): weights ~ N(0, initializer_range^2), or the decoder projections with
+      the phi-harmonic std schedule across depth and width (`crystalline.phi_harmonic_std`).
     - `coherence_gating` (bool): full-range sigmoid gate on each MLP output (§3.4).
     - `coherence_gate_normalized` (bool): divide each gate by its value at the initial score (bias 2, weight 0), so a
       gate there is exactly 1 and trainable (models converted from Llama set it and start there).
@@ -245,6 +254,7 @@ class ResoLLMConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
+        initializer: str = "normal",
         hidden_act: str = "silu",
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
@@ -293,6 +303,7 @@ class ResoLLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.initializer = initializer
         self.hidden_act = hidden_act
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
@@ -360,8 +371,8 @@ class ResoLLMConfig(PretrainedConfig):
         _check_range("", "kuramoto_coupling_init", self.kuramoto_coupling_init, -10.0, 10.0)
         _check_range("", "coherence_threshold", self.coherence_threshold, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("", "coherence_sharpness", self.coherence_sharpness, 0.0, 1000.0, low_open=True)
-        _check(self.hidden_act in ("silu", "gelu", "relu", "gelu_pytorch_tanh"), "hidden_act", self.hidden_act,
-               "one of ('silu', 'gelu', 'relu', 'gelu_pytorch_tanh')")
+        _check(self.hidden_act in HIDDEN_ACTIVATIONS, "hidden_act", self.hidden_act, f"one of {HIDDEN_ACTIVATIONS}")
+        _check(self.initializer in INITIALIZERS, "initializer", self.initializer, f"one of {INITIALIZERS}")
 
     def _validate_rope_parameters(self):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

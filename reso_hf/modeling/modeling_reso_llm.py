@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -38,6 +39,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_reso_llm import ResoLLMConfig
+from .crystalline import (
+    PHI_HARMONIC_PROJECTIONS,
+    PLATONIC_SOLIDS,
+    RESIDUAL_WRITERS,
+    ResoLLMGeometricActivation,
+    phi_harmonic_std,
+)
 from .generation_reso_llm import ResoLLMGenerationMixin
 from .primes import first_primes
 from .resonance import (
@@ -90,7 +98,21 @@ class ResoLLMRMSNorm(LlamaRMSNorm):
 
 
 class ResoLLMMLP(LlamaMLP):
-    pass
+    """Llama's gated MLP, down(act(gate(x)) * up(x)); `hidden_act` may also name a Platonic solid, whose geometric
+    activation (`ResoLLMGeometricActivation`) then takes SiLU's place on the gate."""
+
+    def __init__(self, config: ResoLLMConfig):
+        nn.Module.__init__(self)  # LlamaMLP's own __init__ looks hidden_act up in ACT2FN, which has no solids
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
+        if config.hidden_act in PLATONIC_SOLIDS:
+            self.act_fn = ResoLLMGeometricActivation(config.hidden_act, config.intermediate_size)
+        else:
+            self.act_fn = ACT2FN[config.hidden_act]
 
 
 def positional_pairs(config: ResoLLMConfig) -> int:
@@ -274,6 +296,12 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = ResoLLMAttention(config, layer_idx)
         self.mlp = ResoLLMMLP(config)
+        # Where each projection sits, for `initializer="phi_harmonic"` (`_init_weights` sees one module at a time).
+        for submodule, names in PHI_HARMONIC_PROJECTIONS.items():
+            for name in names:
+                projection = getattr(getattr(self, submodule), name)
+                projection.phi_harmonic_depth = layer_idx
+                projection.writes_residual = name in RESIDUAL_WRITERS
         self.input_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ResoLLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.coherence_gate = (
@@ -546,6 +574,15 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
             return
+        depth = getattr(module, "phi_harmonic_depth", None)
+        if depth is not None and self.config.initializer == "phi_harmonic":
+            config = self.config
+            std = phi_harmonic_std(config.initializer_range, depth, config.num_hidden_layers, module.in_features,
+                                   config.hidden_size, module.writes_residual)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         # Non-persistent buffers are not in the checkpoint: recompute them whenever weights are initialised.
         if isinstance(module, ResoLLMPrimeCode):
@@ -560,6 +597,10 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ResoLLMConceptBank):
             init.normal_(module.keys, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.values, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ResoLLMGeometricActivation):
+            for buffer, value in zip((module.vertices, module.inverse_variances, module.output_scales),
+                                     module.geometry(module.solid, module.num_groups)):
+                init.copy_(buffer, value)
 
 
 def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int):

@@ -22,6 +22,7 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
+from .auxiliary_losses import AuxiliaryLossArguments
 from .data import CHAT_TEMPLATE_CHOICES
 from .fim import check_rate
 
@@ -115,7 +116,9 @@ class DataArguments:
 
 
 @dataclass
-class PretrainArguments:
+class PretrainArguments(AuxiliaryLossArguments):
+    """The model to pretrain, and the weights of the auxiliary losses (`AuxiliaryLossArguments`, all 0 by default)."""
+
     model_preset: str = field(default="tiny", metadata={
         "help": "ResoLLM size preset.", "choices": list(MODEL_PRESETS)})
     config_overrides: Optional[str] = field(default=None, metadata={
@@ -130,6 +133,7 @@ class PretrainArguments:
         "help": "Replace the run already in output_dir (its checkpoints, model/ and reports) by a new one."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model_preset not in MODEL_PRESETS:
             raise ValueError(f"model_preset must be one of {MODEL_PRESETS}, got {self.model_preset!r}")
 

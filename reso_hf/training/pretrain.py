@@ -83,7 +83,7 @@ def run(model_args: PretrainArguments, data_args: DataArguments, training_args: 
     model.config.use_cache = False  # with a cache, transformers ignores the packed position-id boundaries
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=default_data_collator,
+        processing_class=tokenizer, data_collator=default_data_collator, auxiliary_losses=model_args,
     )
     train_result, eval_metrics = train_and_evaluate(trainer, checkpoint, quiet)
     model.config.use_cache = True

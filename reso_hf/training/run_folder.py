@@ -46,6 +46,10 @@ RUN_FILES = (*FINAL_FOLDERS, "runs", STAGING_DIR, RUN_SUMMARY_NAME, RUN_FINGERPR
              DYNAMICS_PLOT_NAME)
 # Arguments that do not change what is trained: where and how often things are written, logged, evaluated or
 # pushed, and how the run is started. Every other argument is part of the fingerprint.
+# Fields added after runs were already being fingerprinted: at their default they are left out, so a run folder
+# written before they existed still matches (and `--resume` continues it).
+OMITTED_AT_DEFAULT = {"resonance_loss_weight", "coherence_loss_weight", "holographic_loss_weight",
+                      "holographic_subset_fraction", "holographic_ridge"}
 NOT_IN_FINGERPRINT = {
     "output_dir", "resume", "overwrite_output_dir", "strict", "data_files", "eval_data_files",  # files: by content
     "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
@@ -83,7 +87,10 @@ def run_fingerprint(kind: str, arguments, data_args) -> dict:
     values = {}
     for argument in arguments:
         items = argument.to_dict() if isinstance(argument, TrainingArguments) else asdict(argument)
-        for name in (f.name for f in fields(argument) if f.init):
+        for entry in (f for f in fields(argument) if f.init):
+            name = entry.name
+            if name in OMITTED_AT_DEFAULT and getattr(argument, name) == entry.default:
+                continue
             if name == "assistant_only_loss":  # not given and given as its default are the same run
                 values[name] = argument.loss_on_assistant_only()
             elif name not in NOT_IN_FINGERPRINT:

@@ -42,6 +42,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_
 
 from ..dynamic_lora.dynamics import HEALTH_STATES
 from ..dynamic_lora.serialization import apply_umask_mode_to_safetensors, atomic_write_text
+from .auxiliary_losses import AuxiliaryLossArguments, AuxiliaryLosses
 from .distributed import fsdp_on_cpu_processes, original_class, whole_adapter_factors, without_tied_copies
 
 logger = logging.getLogger(__name__)
@@ -121,14 +122,43 @@ def read_run_loss(checkpoint: str) -> tuple[float, int] | None:
 
 
 class AtomicCheckpointTrainer(Trainer):
+    """`auxiliary_losses` (`AuxiliaryLossArguments`, optional): weighted resonance/coherence/holographic terms added
+    to the training loss and logged as `aux/<name>_loss` (see `auxiliary_losses`)."""
+
     # sum of the per-step losses and steps before this `train()` call (a resumed run's earlier segments)
     _loss_before = (0.0, 0)
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, auxiliary_losses: AuxiliaryLossArguments | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.auxiliary_losses = (AuxiliaryLosses(auxiliary_losses, self.args.seed)
+                                 if auxiliary_losses is not None and auxiliary_losses.active else None)
         for default, concise in ((ProgressCallback, ConsoleProgressCallback), (PrinterCallback, ConsolePrinterCallback)):
             if self.pop_callback(default) is not None:
                 self.add_callback(concise)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.auxiliary_losses is None or not model.training:  # evaluation keeps the plain LM loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with self.auxiliary_losses.capture(model) as captured:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        terms = self.auxiliary_losses.terms(captured, inputs.get("attention_mask"), self.state.global_step)
+        auxiliary = self.auxiliary_losses.weighted_sum(terms)
+        # training_step divides the loss by the accumulation steps unless the LM loss is already normalised over
+        # the whole accumulated batch (num_items_in_batch); the per-micro-batch auxiliary means must be divided then.
+        scaled_for_accumulation = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
+                                   (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                                   or self.compute_loss_func is not None)
+        if scaled_for_accumulation:
+            auxiliary = auxiliary / self.current_gradient_accumulation_steps
+        loss = loss + auxiliary
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.auxiliary_losses is not None and "loss" in logs:  # a training log entry
+            logs = {**logs, **self.auxiliary_losses.pop_log_means()}
+        super().log(logs, start_time)
 
     def create_accelerator_and_postprocess(self) -> None:
         with fsdp_on_cpu_processes():  # FSDP on CPU processes too (see .distributed)

@@ -38,6 +38,23 @@ setting dynamic_migration_unthrottled (migration bandwidth 1.0 on every channel:
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
+Baselines from the continual-learning literature (issue 20; --methods olora ewc_lora replay), at the same steps,
+batch, learning rate and total rank R as plain_lora; each has its hyperparameter as a flag (defaults chosen on dev):
+  olora           O-LoRA (Wang et al. 2023): task i trains a fresh LoRA of rank r_i (R split as evenly as possible,
+                  the remainder to the first tasks: 31 over 5 tasks = 7, 6, 6, 6, 6; the adapters together have
+                  the parameters of one rank-R LoRA); earlier tasks' adapters stay active and frozen, and
+                  loss_i = CE + --olora-lambda x sum_{modules} sum_{j<i} ||A_j^T A_i||_F^2
+                  (A: the down-projection, in_features x rank; the new adapter's input subspace is pushed off the
+                  earlier ones');
+  ewc_lora        EWC (Kirkpatrick et al. 2017) on a rank-R LoRA: after task i, F_i = mean over --ewc-fisher-examples
+                  of its training examples of the squared per-example gradient of each LoRA parameter (diagonal
+                  empirical Fisher at the end of the task), F <- F + F_i, theta* <- theta (online EWC), and later
+                  loss = CE + --ewc-lambda / 2 x sum F (theta - theta*)^2;
+  replay          experience replay on a rank-R LoRA: after task i, ceil(--replay-fraction x |train_i|) of its train
+                  examples (default 5%; never evaluated ones) join a buffer; every later batch replaces
+                  max(1, round(--replay-share x batch)) of its examples with examples drawn uniformly from the
+                  buffer (same batch size and steps; its training-loss curve includes the replayed examples).
+
 Metrics: R[s][j] = held-out loss (mean per labelled token) on task j after stage s (s = 0 before any training,
 s = i + 1 after training task i). With T tasks:
   forgetting   = mean_{j<T-1} (R[T][j] - min_{s in j+1..T} R[s][j])    (loss increase from the best point)

@@ -39,7 +39,8 @@ setting dynamic_migration_unthrottled (migration bandwidth 1.0 on every channel:
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
 Baselines from the continual-learning literature (issue 20; --methods olora ewc_lora replay), at the same steps,
-batch, learning rate and total rank R as plain_lora; each has its hyperparameter as a flag (defaults chosen on dev):
+batch, learning rate and total rank R as plain_lora; each has its hyperparameter as a flag (--ewc-lambda chosen on
+dev among 1e4, 1e5, 1e6; --olora-lambda is the paper's 0.5 and --replay-share one example of four, untuned):
   olora           O-LoRA (Wang et al. 2023): task i trains a fresh LoRA of rank r_i (R split as evenly as possible,
                   the remainder to the first tasks: 31 over 5 tasks = 7, 6, 6, 6, 6; the adapters together have
                   the parameters of one rank-R LoRA); earlier tasks' adapters stay active and frozen, and

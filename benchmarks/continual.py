@@ -42,6 +42,24 @@ last without consolidation (docs/dynamic_lora.md).
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
+Baselines from the continual-learning literature (issue 20; --methods olora ewc_lora replay), at the same steps,
+batch, learning rate and total rank R as plain_lora; each has its hyperparameter as a flag (--ewc-lambda chosen on
+dev among 1e4, 1e5, 1e6; --olora-lambda is the paper's 0.5 and --replay-share one example of four, untuned):
+  olora           O-LoRA (Wang et al. 2023): task i trains a fresh LoRA of rank r_i (R split as evenly as possible,
+                  the remainder to the first tasks: 31 over 5 tasks = 7, 6, 6, 6, 6; the adapters together have
+                  the parameters of one rank-R LoRA); earlier tasks' adapters stay active and frozen, and
+                  loss_i = CE + --olora-lambda x sum_{modules} sum_{j<i} ||A_j^T A_i||_F^2
+                  (A: the down-projection, in_features x rank; the new adapter's input subspace is pushed off the
+                  earlier ones');
+  ewc_lora        EWC (Kirkpatrick et al. 2017) on a rank-R LoRA: after task i, F_i = mean over --ewc-fisher-examples
+                  of its training examples of the squared per-example gradient of each LoRA parameter (diagonal
+                  empirical Fisher at the end of the task), F <- F + F_i, theta* <- theta (online EWC), and later
+                  loss = CE + --ewc-lambda / 2 x sum F (theta - theta*)^2;
+  replay          experience replay on a rank-R LoRA: after task i, ceil(--replay-fraction x |train_i|) of its train
+                  examples (default 5%; never evaluated ones) join a buffer; every later batch replaces
+                  max(1, round(--replay-share x batch)) of its examples with examples drawn uniformly from the
+                  buffer (same batch size and steps; its training-loss curve includes the replayed examples).
+
 Metrics: R[s][j] = held-out loss (mean per labelled token) on task j after stage s (s = 0 before any training,
 s = i + 1 after training task i). With T tasks:
   forgetting   = mean_{j<T-1} (R[T][j] - min_{s in j+1..T} R[s][j])    (loss increase from the best point)
@@ -146,6 +164,8 @@ DYNAMIC_VARIANTS.update(CONSOLIDATING_VARIANTS)
 # budget-scaled dynamics without consolidation: windows, bandwidths and resonance EMA from the per-task budget
 DYNAMIC_VARIANTS["dynamic_horizon"] = {"dynamics_horizon": "steps"}
 ALL_METHODS = ALL_METHODS + ["dynamic_horizon"] + list(CONSOLIDATING_VARIANTS)
+BASELINES = ["olora", "ewc_lora", "replay"]  # issue 20's baselines of other continual-learning work (BASELINE_CLASSES)
+ALL_METHODS += BASELINES
 DEFAULT_METHODS = ["plain_lora", "lora_merge", "dynamic_on", "dynamic_off", "dynamic_v1", "lora_low_lr", "full_ft"]
 COMPACT_RANKS = {"foundation": 16, "domain": 8, "swarm": 4, "agent": 2, "context": 1}
 
@@ -370,8 +390,11 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
     given, see each DynamicLoRA optimizer step before / after dynamic_step() (benchmarks/continual_resonance.py)."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(base)
+    baseline = BASELINE_CLASSES[method](args, total_rank, tasks) if method in BASELINE_CLASSES else None
     if method in ("plain_lora", "lora_merge", "lora_low_lr"):
         model = get_peft_model(model, lora_config(total_rank))
+    elif baseline is not None:
+        model = baseline.wrap(model)
     elif method in DYNAMIC_VARIANTS:
         model = get_peft_model(model, dynamic_config(args, method))
     elif method == "full_ft":
@@ -381,11 +404,13 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
         raise ValueError(f"unknown method {method!r}")
     model.train()
     lr = {"full_ft": args.full_ft_lr, "lora_low_lr": args.lr * args.low_lr_scale}.get(method, args.lr)
-    n_trainable = trainable(model)
+    n_trainable = trainable(model) if baseline is None else baseline.adapter_params(model)
     matrix = [[held_out_loss(model, t["held_out"], pad_id, args.eval_batch) for t in tasks]]
     train_losses, adaptation, dynamics_log = [], [], []
     start = time.perf_counter()
     for stage, task in enumerate(tasks):
+        if baseline is not None:
+            model = baseline.start_task(model, stage)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         order = random.Random(args.seed + stage)
         pool = list(task["train"])
@@ -395,11 +420,14 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
                 pool = list(task["train"])
             order.shuffle(pool)
             batch, pool = pool[: args.batch], pool[args.batch:]
+            if baseline is not None:
+                batch = baseline.mix(batch, stage)
             inputs = collate(batch, pad_id)
             loss = model(**inputs).loss
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"{method}: non-finite training loss at task {task['name']} step {step}")
-            loss.backward()
+            penalty = baseline.penalty(model, stage) if baseline is not None else None
+            (loss if penalty is None else loss + penalty).backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             if method in DYNAMIC_VARIANTS:  # a no-op under dynamics_enabled=False, as in DynamicLoraCallback
@@ -421,6 +449,8 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
                                  **dynamic_snapshot(model)})
         train_losses.append(losses)
         adaptation.append(steps_to_95(losses))
+        if baseline is not None:
+            model = baseline.end_task(model, stage, task, pad_id)
         if method == "lora_merge":
             model = model.merge_and_unload()
             if stage < len(tasks) - 1:
@@ -431,7 +461,8 @@ def run_method(method: str, base, tasks: list[dict], args, pad_id: int, total_ra
     del model
     return {"method": method, "trainable_params": n_trainable, "lr": lr, "matrix": matrix,
             "train_losses": train_losses, "adaptation_steps": adaptation, "wall_s": wall,
-            "dynamics": dynamics_log or None, **summarise(matrix, adaptation)}
+            "dynamics": dynamics_log or None, **summarise(matrix, adaptation),
+            **({"baseline": baseline.report()} if baseline is not None else {})}
 
 
 def summarise(matrix: list[list[float]], adaptation: list[int]) -> dict:
@@ -457,6 +488,204 @@ def summarise(matrix: list[list[float]], adaptation: list[int]) -> dict:
         "new_task_gain": matrix[0][n - 1] - final[n - 1],
         "avg_adaptation_steps": sum(adaptation) / len(adaptation),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continual-learning baselines (issue 20): O-LoRA, EWC on LoRA, experience replay. run_method calls their hooks.
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def split_rank(total_rank: int, n_tasks: int) -> list[int]:
+    """O-LoRA's per-task ranks: floor(total_rank / n_tasks) each and the remainder one each to the first tasks, so
+    that they sum to total_rank (31 over 5 tasks: 7, 6, 6, 6, 6)."""
+    if n_tasks < 1 or total_rank < n_tasks:
+        raise ValueError(f"total_rank ({total_rank}) must be at least the number of tasks ({n_tasks}) and n_tasks >= 1")
+    rank, extra = divmod(total_rank, n_tasks)
+    return [rank + (1 if i < extra else 0) for i in range(n_tasks)]
+
+
+def olora_penalty(model, earlier: list[str], current: str) -> torch.Tensor:
+    """sum over adapted modules and earlier adapters of ||A_old^T A_new||_F^2. PEFT stores A as (rank, in_features),
+    so A_old^T A_new of the paper's (in_features, rank) layout is lora_A[old] @ lora_A[new].T here."""
+    total = torch.zeros(())
+    for layer in lora_layers(model):
+        new = layer.lora_A[current].weight
+        for name in earlier:
+            total = total + (layer.lora_A[name].weight @ new.T).pow(2).sum()
+    return total
+
+
+def ewc_penalty(model, fisher: dict, anchor: dict) -> torch.Tensor:
+    """sum_i F_i (theta_i - theta*_i)^2 over the parameters named in `fisher` (without the lambda / 2)."""
+    parameters = dict(model.named_parameters())
+    total = torch.zeros(())
+    for name, weight in fisher.items():
+        total = total + (weight * (parameters[name] - anchor[name]).pow(2)).sum()
+    return total
+
+
+def diagonal_fisher(model, docs: list, pad_id: int) -> dict:
+    """Empirical diagonal Fisher of the trainable parameters: the mean over `docs` of each example's squared
+    gradient of its loss (per example, not per batch: the square of a batch mean would shrink it by the batch size)."""
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    model.zero_grad(set_to_none=True)
+    for doc in docs:
+        model(**collate([doc], pad_id)).loss.backward()
+        for name, p in parameters.items():
+            fisher[name] += p.grad.detach().pow(2) / len(docs)
+        model.zero_grad(set_to_none=True)
+    return fisher
+
+
+def replay_sample(train: list, fraction: float, seed: int) -> list:
+    """ceil(fraction x len(train)) examples of a task's train part, drawn without replacement (fixed seed)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"replay fraction must be in (0, 1], got {fraction}")
+    return random.Random(seed).sample(list(train), math.ceil(fraction * len(train)))
+
+
+class ContinualBaseline:
+    """What a baseline adds to run_method's loop; every hook defaults to plain LoRA of the total rank."""
+
+    def __init__(self, args, total_rank: int, tasks: list[dict]):
+        self.args, self.total_rank, self.n_tasks = args, total_rank, len(tasks)
+        self.penalties: list[list[float]] = []  # per task, the penalty term at each step (0 where there is none)
+
+    def wrap(self, model):
+        return get_peft_model(model, lora_config(self.total_rank))
+
+    def adapter_params(self, model) -> int:
+        return trainable(model)
+
+    def start_task(self, model, stage: int):
+        self.penalties.append([])
+        return model
+
+    def mix(self, batch: list, stage: int) -> list:
+        return batch
+
+    def penalty(self, model, stage: int) -> torch.Tensor | None:
+        return None
+
+    def end_task(self, model, stage: int, task: dict, pad_id: int):
+        return model
+
+    def report(self) -> dict:
+        return {"mean_penalty_per_task": [sum(p) / len(p) if p else 0.0 for p in self.penalties]}
+
+    def _log(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        self.penalties[-1].append(0.0 if value is None else float(value.detach()))
+        return value
+
+
+class OLora(ContinualBaseline):
+    """A fresh LoRA per task (ranks from split_rank); the earlier ones stay active and frozen; the new one is pushed
+    off their input subspaces by olora_lambda x olora_penalty."""
+
+    def __init__(self, args, total_rank, tasks):
+        super().__init__(args, total_rank, tasks)
+        self.ranks = split_rank(total_rank, self.n_tasks)
+        self.names = [f"task_{i}" for i in range(self.n_tasks)]
+
+    def wrap(self, model):
+        # every task's adapter exists from the start (B = 0: no effect until trained) so that the reported size is
+        # the whole budget; each is activated when its task begins
+        model = get_peft_model(model, lora_config(self.ranks[0]), adapter_name=self.names[0])
+        for name, rank in zip(self.names[1:], self.ranks[1:]):
+            model.add_adapter(name, lora_config(rank))
+        return model
+
+    def adapter_params(self, model) -> int:
+        return sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+
+    def start_task(self, model, stage):
+        model.base_model.set_adapter(self.names[: stage + 1])  # PEFT makes every active adapter trainable ...
+        for layer in lora_layers(model):
+            for name in self.names[:stage]:  # ... so the earlier ones are frozen again
+                layer.lora_A[name].weight.requires_grad_(False)
+                layer.lora_B[name].weight.requires_grad_(False)
+        return super().start_task(model, stage)
+
+    def penalty(self, model, stage):
+        if stage == 0:
+            return self._log(None)
+        return self._log(self.args.olora_lambda * olora_penalty(model, self.names[:stage], self.names[stage]))
+
+    def report(self):
+        return {"ranks": self.ranks, "olora_lambda": self.args.olora_lambda, **super().report()}
+
+
+class EwcLora(ContinualBaseline):
+    """LoRA of the total rank with ewc_lambda / 2 x ewc_penalty; after each task the Fisher of that task is added to
+    the earlier ones and theta* moves to the current weights (online EWC)."""
+
+    def __init__(self, args, total_rank, tasks):
+        super().__init__(args, total_rank, tasks)
+        self.fisher: dict = {}
+        self.anchor: dict = {}
+        self.fisher_sums: list[float] = []
+
+    def penalty(self, model, stage):
+        if not self.fisher:
+            return self._log(None)
+        return self._log(self.args.ewc_lambda / 2 * ewc_penalty(model, self.fisher, self.anchor))
+
+    def end_task(self, model, stage, task, pad_id):
+        if stage == self.n_tasks - 1:
+            return model  # nothing follows the last task
+        docs = random.Random(self.args.seed + stage).sample(task["train"],
+                                                            min(self.args.ewc_fisher_examples, len(task["train"])))
+        fisher = diagonal_fisher(model, docs, pad_id)
+        self.fisher = {name: self.fisher.get(name, 0.0) + value for name, value in fisher.items()}
+        self.anchor = {name: p.detach().clone() for name, p in model.named_parameters() if name in fisher}
+        self.fisher_sums.append(float(sum(value.sum() for value in fisher.values())))
+        return model
+
+    def report(self):
+        return {"ewc_lambda": self.args.ewc_lambda, "fisher_sum_per_task": self.fisher_sums, **super().report()}
+
+
+class Replay(ContinualBaseline):
+    """LoRA of the total rank; after each task replay_fraction of its train part joins a buffer, and from the next
+    task on round(replay_share x batch) (at least 1) examples of every batch are drawn from that buffer instead of
+    the current task: the same steps, batch size and tokens per step as the other methods."""
+
+    def __init__(self, args, total_rank, tasks):
+        super().__init__(args, total_rank, tasks)
+        if not 0.0 < args.replay_share < 1.0:
+            raise ValueError(f"replay_share must be in (0, 1), got {args.replay_share}")
+        self.buffer: list = []
+        self.buffer_sizes: list[int] = []
+        self.order = random.Random(args.seed)
+
+    def replayed_per_batch(self) -> int:
+        return min(self.args.batch - 1, max(1, round(self.args.replay_share * self.args.batch)))
+
+    def mix(self, batch, stage):
+        if not self.buffer:
+            return batch
+        n = min(self.replayed_per_batch(), len(self.buffer))
+        return batch[: len(batch) - n] + self.order.sample(self.buffer, n)
+
+    def end_task(self, model, stage, task, pad_id):
+        if stage < self.n_tasks - 1:
+            sample = replay_sample(task["train"], self.args.replay_fraction, self.args.seed + stage)
+            self.buffer.extend(sample)
+            self.buffer_sizes.append(len(sample))
+        return model
+
+    def report(self):
+        return {"replay_fraction": self.args.replay_fraction, "replayed_per_batch": self.replayed_per_batch(),
+                "buffer_sizes": self.buffer_sizes}
+
+
+BASELINE_CLASSES = {"olora": OLora, "ewc_lora": EwcLora, "replay": Replay}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,6 +859,16 @@ def parse_args(argv=None):
     parser.add_argument("--low-lr-scale", type=float, default=0.78,
                         help="lora_low_lr's learning rate / --lr (matched on the dev split to dynamic_on's mean "
                              "training loss)")
+    parser.add_argument("--olora-lambda", type=float, default=0.5,
+                        help="olora: weight of the orthogonality penalty sum ||A_old^T A_new||_F^2")
+    parser.add_argument("--ewc-lambda", type=float, default=1e4,
+                        help="ewc_lora: weight lambda of the penalty lambda/2 sum F (theta - theta*)^2")
+    parser.add_argument("--ewc-fisher-examples", type=int, default=16,
+                        help="ewc_lora: training examples of each finished task whose squared gradients give its Fisher")
+    parser.add_argument("--replay-fraction", type=float, default=0.05,
+                        help="replay: share of each earlier task's train part kept in the buffer (rounded up)")
+    parser.add_argument("--replay-share", type=float, default=0.25,
+                        help="replay: share of each later-task batch drawn from the buffer (rounded, at least 1)")
     parser.add_argument("--tiers", choices=["default", "compact"], default="compact",
                         help="DynamicLoRA tier ranks: default 32/16/8/4/2 (64/32/16/8/4 before issue 20) or compact 16/8/4/2/1 (total rank 31)")
     parser.add_argument("--autocorr-window", type=int, help="DynamicLoRA autocorr_window (default steps // 5, >= 2)")
@@ -671,6 +910,8 @@ def parse_args(argv=None):
 FINGERPRINT = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "eval_batch", "held_out_fraction",
                "lr", "tiers", "autocorr_window", "shakespeare", "shakespeare_lines", "chat_template", "seed"]
 METHOD_SETTINGS = {"lora_low_lr": ["low_lr_scale"], "full_ft": ["full_ft_lr"]}
+METHOD_SETTINGS.update({"olora": ["olora_lambda"], "ewc_lora": ["ewc_lambda", "ewc_fisher_examples"],
+                        "replay": ["replay_fraction", "replay_share"]})
 
 
 def fingerprint(settings: dict, method: str) -> dict:

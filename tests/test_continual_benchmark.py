@@ -2,6 +2,7 @@
 and the per-module cosines of benchmarks/continual_resonance.py."""
 
 import argparse
+import random
 import json
 import sys
 from pathlib import Path
@@ -167,3 +168,179 @@ def test_consolidating_methods_consolidate_at_each_task_boundary_but_the_last():
     assert [e["task"] for e in consolidations] == ["a", "b"]
     assert all(e["consolidation"]["truncation_error"] >= 0.0 for e in consolidations)
     assert result["dynamics"][-1]["counters"]["consolidations"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The baselines of issue 20 (O-LoRA, EWC on LoRA, experience replay) on a tiny random Llama
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _tiny_tasks(sizes=(40, 60, 20)):
+    import random
+
+    rng = random.Random(0)
+    tasks = []
+    for i, size in enumerate(sizes):
+        def docs(n, tag):
+            # the first token tells examples apart: train docs start with tag 1, held-out ones with tag 2
+            return [([tag, i + 3] + [rng.randrange(5, 61) for _ in range(6)],) * 2 for _ in range(n)]
+        tasks.append({"name": f"t{i}", "train": docs(size, 1), "held_out": docs(3, 2)})
+    return tasks
+
+
+def _baseline_args(**overrides):
+    values = dict(seed=0, lr=1e-2, full_ft_lr=1e-4, low_lr_scale=0.5, eval_batch=4, steps=3, batch=4, log_every=1,
+                  olora_lambda=0.5, ewc_lambda=1e4, ewc_fisher_examples=4, replay_fraction=0.05, replay_share=0.25)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_olora_splits_the_total_rank_across_tasks():
+    assert continual.split_rank(31, 5) == [7, 6, 6, 6, 6]
+    assert continual.split_rank(4, 2) == [2, 2]
+    with pytest.raises(ValueError, match=r"total_rank \(2\) must be at least the number of tasks \(3\)"):
+        continual.split_rank(2, 3)
+
+
+def test_olora_penalty_is_zero_for_orthogonal_subspaces_and_positive_otherwise():
+    import torch
+
+    tasks = _tiny_tasks((8, 8))
+    olora = continual.OLora(_baseline_args(), total_rank=5, tasks=tasks)
+    model = olora.wrap(_tiny_llama())
+    assert olora.ranks == [3, 2]
+    # the whole budget is reported: as many adapter parameters as one LoRA of the total rank
+    plain = continual.ContinualBaseline(_baseline_args(), 5, tasks)
+    assert olora.adapter_params(model) == plain.adapter_params(plain.wrap(_tiny_llama()))
+    model = olora.start_task(model, 1)
+    eye = torch.eye(32)
+    layers = continual.lora_layers(model)
+    assert len(layers) == 8  # 2 layers x q, k, v, o
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_A["task_0"].weight.copy_(eye[:3])
+            layer.lora_A["task_1"].weight.copy_(eye[3:5])
+    assert float(continual.olora_penalty(model, ["task_0"], "task_1")) == 0.0
+    assert float(olora.penalty(model, 1)) == 0.0
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_A["task_1"].weight[0] = 2 * eye[1]  # overlaps task_0's second direction
+    # per module (A_old A_new^T)[1, 0] = 2 -> 4; 8 modules; times lambda 0.5
+    assert float(continual.olora_penalty(model, ["task_0"], "task_1")) == pytest.approx(32.0)
+    assert float(olora.penalty(model, 1)) == pytest.approx(16.0)
+    assert olora.penalty(model, 0) is None  # the first task has no earlier subspace
+
+
+def test_olora_keeps_earlier_adapters_active_and_frozen():
+    import torch
+
+    olora = continual.OLora(_baseline_args(), total_rank=6, tasks=_tiny_tasks())
+    model = olora.start_task(olora.wrap(_tiny_llama()), 0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".task_0." in n for n in trainable)
+    model = olora.start_task(model, 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".task_2." in n for n in trainable)
+    assert model.base_model.active_adapters == ["task_0", "task_1", "task_2"]
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    before = model(input_ids=ids).logits
+    with torch.no_grad():
+        for layer in continual.lora_layers(model):
+            layer.lora_B["task_0"].weight.fill_(0.1)  # a frozen earlier adapter still acts on the output
+    assert not torch.allclose(model(input_ids=ids).logits, before)
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_the_fisher_weighted_distance():
+    import torch
+
+    tasks = _tiny_tasks((8, 8, 8))
+    ewc = continual.EwcLora(_baseline_args(ewc_lambda=3.0), total_rank=2, tasks=tasks)
+    model = ewc.start_task(ewc.wrap(_tiny_llama()), 0)
+    assert ewc.penalty(model, 0) is None  # nothing consolidated yet
+    with torch.no_grad():
+        for layer in continual.lora_layers(model):
+            layer.lora_B["default"].weight.normal_()  # B = 0 at initialisation would give A no gradient
+    model = ewc.end_task(model, 0, tasks[0], pad_id=0)
+    assert float(ewc.penalty(model, 1)) == 0.0  # theta* is the current weights
+    first = dict(ewc.fisher)
+    assert all(bool((f >= 0).all()) for f in first.values()) and sum(float(f.sum()) for f in first.values()) > 0
+    # the Fisher is the mean of per-example squared gradients
+    name = next(iter(first))
+    parameter = dict(model.named_parameters())[name]
+    docs = random.Random(0).sample(tasks[0]["train"], 4)
+    squares = []
+    for doc in docs:
+        model.zero_grad(set_to_none=True)
+        model(**continual.collate([doc], 0)).loss.backward()
+        squares.append(parameter.grad.pow(2))
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(first[name], sum(squares) / 4)
+    # lambda / 2 sum F d^2, growing with the distance
+    shift = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters() if n in first}
+    expected = 1.5 * sum(float((first[n] * 0.01 ** 2).sum()) for n in first)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in shift:
+                p.add_(shift[n])
+    assert float(ewc.penalty(model, 1)) == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in shift:
+                p.add_(shift[n])  # twice as far: four times the penalty
+    assert float(ewc.penalty(model, 1)) == pytest.approx(4 * expected, rel=1e-4)
+    # consolidation adds the next task's Fisher and moves theta* to the current weights
+    model = ewc.end_task(model, 1, tasks[1], pad_id=0)
+    assert float(ewc.penalty(model, 1)) == 0.0
+    assert all(bool((ewc.fisher[n] >= first[n]).all()) for n in first)
+    assert ewc.fisher_sums[1] > 0 and ewc.end_task(model, 2, tasks[2], pad_id=0) is model
+    assert len(ewc.fisher_sums) == 2  # nothing is consolidated after the last task
+
+
+def test_replay_buffer_holds_ceil_5_percent_of_each_earlier_task_and_never_held_out_examples():
+    tasks = _tiny_tasks((40, 61, 20, 10))
+    replay = continual.Replay(_baseline_args(), total_rank=2, tasks=tasks)
+    batch = tasks[1]["train"][:4]
+    assert replay.mix(batch, 0) == batch  # nothing to replay yet
+    for stage, task in enumerate(tasks):
+        replay.end_task(None, stage, task, pad_id=0)
+    assert replay.buffer_sizes == [2, 4, 1]  # ceil(0.05 x 40, 61, 20); nothing kept of the last task
+    assert len(replay.buffer) == 7
+    for stage, size in enumerate(replay.buffer_sizes):
+        kept = [doc for doc in replay.buffer if doc[0][1] == stage + 3]
+        assert len(kept) == size
+        assert all(doc in tasks[stage]["train"] for doc in kept)
+    assert all(doc[0][0] == 1 for doc in replay.buffer)  # train examples only, no held-out one
+    mixed = replay.mix(batch, 3)
+    assert len(mixed) == 4 and mixed[:3] == batch[:3] and mixed[3] in replay.buffer
+    assert continual.Replay(_baseline_args(replay_share=0.5), 2, tasks).replayed_per_batch() == 2
+    with pytest.raises(ValueError, match=r"replay fraction must be in \(0, 1\], got 0.0"):
+        continual.replay_sample(tasks[0]["train"], 0.0, seed=0)
+
+
+@pytest.mark.parametrize("method", continual.BASELINES)
+def test_every_baseline_runs_through_the_task_sequence(method):
+    tasks = _tiny_tasks((12, 12, 12))
+    result = continual.run_method(method, _tiny_llama(), tasks, _baseline_args(), pad_id=0, total_rank=6)
+    assert len(result["matrix"]) == 4 and len(result["train_losses"]) == 3
+    report = result["baseline"]
+    if method == "olora":
+        assert report["ranks"] == [2, 2, 2]
+        # no penalty on the first task; the fresh adapter's random A overlaps the earlier ones afterwards
+        assert report["mean_penalty_per_task"][0] == 0.0
+        assert all(value > 0 for value in report["mean_penalty_per_task"][1:])
+    elif method == "ewc_lora":
+        assert len(report["fisher_sum_per_task"]) == 2 and all(f > 0 for f in report["fisher_sum_per_task"])
+        assert report["mean_penalty_per_task"][0] == 0.0 and report["mean_penalty_per_task"][2] > 0
+    else:
+        assert report["buffer_sizes"] == [1, 1] and report["replayed_per_batch"] == 1

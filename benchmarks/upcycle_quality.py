@@ -8,7 +8,8 @@ Data: the rows of `--data` (default ../shared/data/guanaco/openassistant_best_re
 the model's chat template, only assistant tokens labelled, cut to `--seq` tokens. Split rule (fixed, documented):
 the rows are shuffled with random.Random(0) and the first 20% are the held-out part; with `--split dev` a
 development part (20% of the rest, shuffled with random.Random(1)) is evaluated instead and the held-out part is
-never touched. Learning rates were chosen on the dev split.
+never touched. The resonant-only learning rate was chosen on the dev split (1e-3 against 1e-4); the adapter and
+full fine-tuning rates were set beforehand (1e-3, 2e-5) and not tuned.
 
 Variants (the trainable-parameter count of each is in the table):
   lora_rN              SmolLM2 + PEFT LoRA of rank N on q/k/v/o: the plain-model baselines; N is chosen so
@@ -246,7 +247,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-examples", type=int, default=48)
     parser.add_argument("--eval-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="LoRA / DynamicLoRA (+ resonant) learning rate")
-    parser.add_argument("--resonant-lr", type=float, default=1e-3, help="resonant-only learning rate")
+    parser.add_argument("--resonant-lr", type=float, default=1e-4,
+                        help="resonant-only learning rate (chosen on the dev split: resonant_all at 1e-3 raised the "
+                             "dev loss from 2.586 to 2.774, at 1e-4 lowered it to 2.546)")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="earlier JSON results: their rows with the "

@@ -381,13 +381,16 @@ def _describe_json_problem(path: str) -> str | None:
         content = handle.read()
     if path.lower().endswith(".json") and content.lstrip()[:1] in (b"[", b"{"):
         try:
-            json.loads(content.decode("utf-8"))
-            return None  # one JSON document: fine as a whole
+            text = content.decode("utf-8")
         except UnicodeDecodeError:
-            pass  # located line by line below
-        except json.JSONDecodeError as error:
-            if error.msg != "Extra data":  # "Extra data": JSON Lines in a .json file, checked line by line
-                return f"{path} line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
+            text = None  # the undecodable line is located line by line below
+        if text is not None:
+            try:
+                json.loads(text)
+                return None  # one JSON document: fine as a whole
+            except json.JSONDecodeError as error:
+                if error.msg != "Extra data":  # "Extra data": JSON Lines in a .json file, checked line by line
+                    return f"{path} line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
     for number, raw in enumerate(content.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")

@@ -76,6 +76,7 @@ VARIANTS = ["lora_match_resonant", "lora_match_dynamic", "full_smollm2", *RESONA
 COMPARISONS = {"resonant_all": "lora_match_resonant", "resonant_dynamic": "lora_match_dynamic",
                "full_resollm": "full_smollm2"}
 GOAL_RATIO = 0.99
+RESONANT_KINDS = ("prime_code", "kuramoto", "coherence_gate")
 
 
 def build_data(args, tokenizer) -> tuple[list, list]:
@@ -148,11 +149,22 @@ def resonant_statistics(model) -> dict:
     """Where training took the resonant parameters: their norms, per kind (0 = still at the identity)."""
     stats = {}
     for name, parameter in model.named_parameters():
-        for kind in ("prime_code", "kuramoto", "coherence_gate"):
+        for kind in RESONANT_KINDS:
             if f".{kind}." in f".{name}":
                 stats.setdefault(kind, 0.0)
                 stats[kind] += float(parameter.detach().float().pow(2).sum())
     return {kind: math.sqrt(value) for kind, value in stats.items()}
+
+
+def parameter_groups(model, variant: str, lr: float, args) -> list[dict]:
+    """One AdamW group, except resonant_dynamic with --resonant-dynamic-lr: the resonant parameters at that rate
+    (what `reso-hf sft --resonant_learning_rate` does), the adapter at --lr."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if variant != "resonant_dynamic" or args.resonant_dynamic_lr is None:
+        return [{"params": [p for _, p in trained], "lr": lr}]
+    resonant = [p for name, p in trained if any(f".{kind}." in f".{name}" for kind in RESONANT_KINDS)]
+    adapter = [p for name, p in trained if not any(f".{kind}." in f".{name}" for kind in RESONANT_KINDS)]
+    return [{"params": adapter, "lr": lr}, {"params": resonant, "lr": args.resonant_dynamic_lr}]
 
 
 def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ranks: dict, seed: int) -> dict:
@@ -162,7 +174,7 @@ def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ra
     lr = {"adapter": args.lr, "resonant": args.resonant_lr, "full": args.full_lr}[family]
     parameters = [p for p in model.parameters() if p.requires_grad]
     before = held_out_loss(model, eval_docs, pad_id, args.eval_batch)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameter_groups(model, variant, lr, args), lr=lr, weight_decay=0.0)
     order, pool, losses = random.Random(seed), [], []
     start = time.perf_counter()
     for step in tqdm(range(args.steps), desc=f"{variant} seed {seed}", leave=False):
@@ -250,6 +262,9 @@ def parse_args(argv=None):
     parser.add_argument("--resonant-lr", type=float, default=1e-4,
                         help="resonant-only learning rate (chosen on the dev split: resonant_all at 1e-3 raised the "
                              "dev loss from 2.586 to 2.774, at 1e-4 lowered it to 2.546)")
+    parser.add_argument("--resonant-dynamic-lr", type=float, default=None,
+                        help="resonant_dynamic only: the resonant parameters' own rate (the adapter stays at --lr); "
+                             "default: --lr for both, as in the first reported run")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="earlier JSON results: their rows with the "
@@ -262,12 +277,15 @@ def parse_args(argv=None):
 
 
 SETTINGS = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "lr", "resonant_lr", "full_lr"]
+# settings added later: in the JSON only when set, so that earlier results stay reusable
+OPTIONAL_SETTINGS = ["resonant_dynamic_lr"]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {k: str(getattr(args, k)) for k in SETTINGS}
+    settings.update({k: str(getattr(args, k)) for k in OPTIONAL_SETTINGS if getattr(args, k) is not None})
     rows = []
     for path in args.reuse:
         earlier = json.loads(path.read_text(encoding="utf-8"))

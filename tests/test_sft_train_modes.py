@@ -216,3 +216,28 @@ def test_converted_gates_get_a_gradient():
     model(ids, labels=ids).loss.backward()
     gate_gradients = [p.grad for name, p in model.named_parameters() if ".coherence_gate." in name]
     assert any(gradient.abs().sum() > 0 for gradient in gate_gradients)
+
+
+def test_resonant_learning_rate_gives_the_resonant_parameters_their_own_group_and_rate(bases, trainers, tmp_path):
+    sft.run(*sft_arguments(bases["resonant"], tmp_path / "out", "--train", "resonant+dynamic_lora",
+                           "--resonant_learning_rate", "1e-5", "--lr_scheduler_type", "constant"), quiet=True)
+    (trainer,) = trainers
+    names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    resonant = {name for name in rates if ".modules_to_save.default." in name}
+    assert resonant and all(rates[name] == 1e-5 for name in resonant)
+    assert {rates[name] for name in rates if name not in resonant} == {1e-2}
+    # Adam moves a parameter by at most about lr per step: 3 steps at 1e-5 stay far below one step at 1e-2
+    moved = max(float((trainer.model.get_parameter(name).detach() - trainer.initial_parameters[name]).abs().max())
+                for name in resonant)
+    assert 0 < moved <= 3 * 1e-5 * 1.01
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train", "dynamic_lora", "--resonant_learning_rate", "1e-4"],
+     r"resonant_learning_rate applies to --train resonant or resonant\+dynamic_lora, got --train dynamic_lora"),
+    (["--train", "resonant", "--resonant_learning_rate", "-1"],
+     r"resonant_learning_rate must be a finite number > 0, got -1.0")])
+def test_a_bad_resonant_learning_rate_is_refused_by_name(flags, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse_recipe(sft.ARGUMENT_TYPES, SFT_RECIPE, ["--base_model", "x", *flags])

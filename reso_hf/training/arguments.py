@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -152,6 +153,10 @@ class SftArguments:
                 "parameter, model/).", "choices": list(TRAIN_MODES)})
     dynamic_lora: Optional[str] = field(default=None, metadata={
         "help": "JSON object of DynamicLoraConfig fields (a mapping in YAML), e.g. tiers, tier_ranks, target_modules."})
+    resonant_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of the resonant components (their own optimizer parameter group, same schedule) "
+                "with --train resonant+dynamic_lora or resonant; default: learning_rate. The components start at "
+                "their identity and move far at an adapter's rate (benchmarks/upcycle_quality.py)."})
     resume: bool = field(default=False, metadata={"help": "Resume exactly from the last complete checkpoint in output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace the run already in output_dir (its checkpoints, adapter/ or model/ and reports) by a new one."})
@@ -159,6 +164,14 @@ class SftArguments:
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
             raise ArgumentError(f"train must be one of {list(TRAIN_MODES)}, got {self.train!r}", "train")
+        if self.resonant_learning_rate is not None:
+            if not self.trains_resonant():
+                raise ArgumentError(f"resonant_learning_rate applies to --train resonant or resonant+dynamic_lora, "
+                                    f"got --train {self.train}", "resonant_learning_rate")
+            rate = self.resonant_learning_rate
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+                raise ArgumentError(f"resonant_learning_rate must be a finite number > 0, got {rate!r}",
+                                    "resonant_learning_rate")
 
     def trains_adapter(self) -> bool:
         """Whether the run trains a DynamicLoRA adapter (saved to adapter/) rather than the model (model/)."""

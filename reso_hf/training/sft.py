@@ -113,6 +113,15 @@ def trainable_model(base, sft_args: SftArguments, lora_config: DynamicLoraConfig
     return get_peft_model(base, lora_config)
 
 
+def resonant_learning_rates(model, sft_args: SftArguments) -> dict[str, float]:
+    """{name: --resonant_learning_rate} for the trained resonant parameters (under PEFT: their modules_to_save
+    copies), or {} when the option is not set."""
+    if sft_args.resonant_learning_rate is None:
+        return {}
+    return {name: sft_args.resonant_learning_rate for name, parameter in model.named_parameters()
+            if parameter.requires_grad and any(f".{module}." in f".{name}" for module in RESONANT_MODULES)}
+
+
 def load_base(source: ModelSource, sft_args: SftArguments):
     tokenizer = load_tokenizer(source, trust_remote_code=sft_args.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -212,6 +221,7 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
     trainer = AtomicCheckpointTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=default_data_collator,
+        parameter_learning_rates=resonant_learning_rates(model, sft_args),
     )
     if lora_config is not None:
         # first, so the reporting integrations see its metrics; it restores the checkpoint's dynamics state once

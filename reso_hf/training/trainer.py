@@ -121,15 +121,45 @@ def read_run_loss(checkpoint: str) -> tuple[float, int] | None:
     return recorded["loss_sum"], recorded["global_step"]
 
 
+def split_learning_rate_groups(optimizer, model, learning_rates: dict[str, float]) -> None:
+    """Move each named parameter out of its group into a group (one per original group and rate) with its own `lr`.
+
+    Done before the scheduler exists, so the scheduler takes each group's rate as its base; the groups depend only on
+    the names and their order, so a resumed run rebuilds the same groups and its optimizer state loads into them."""
+    unknown = sorted(set(learning_rates) - {name for name, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"parameter_learning_rates names parameters the model does not have: {unknown[:5]}")
+    rate_of = {id(parameter): learning_rates[name] for name, parameter in model.named_parameters()
+               if name in learning_rates}
+    new_groups = []
+    for group in optimizer.param_groups:
+        by_rate: dict[float, list] = {}
+        kept = []
+        for parameter in group["params"]:
+            if id(parameter) in rate_of:
+                by_rate.setdefault(rate_of[id(parameter)], []).append(parameter)
+            else:
+                kept.append(parameter)
+        group["params"] = kept
+        for rate, parameters in by_rate.items():
+            new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": parameters, "lr": rate})
+    for group in new_groups:
+        optimizer.add_param_group(group)
+
+
 class AtomicCheckpointTrainer(Trainer):
     """`auxiliary_losses` (`AuxiliaryLossArguments`, optional): weighted resonance/coherence/holographic terms added
-    to the training loss and logged as `aux/<name>_loss` (see `auxiliary_losses`)."""
+    to the training loss and logged as `aux/<name>_loss` (see `auxiliary_losses`).
+    `parameter_learning_rates` (optional): {parameter name: learning rate} for parameters that train at their own
+    rate; they go to parameter groups of their own, which the scheduler scales like the others."""
 
     # sum of the per-step losses and steps before this `train()` call (a resumed run's earlier segments)
     _loss_before = (0.0, 0)
 
-    def __init__(self, *args, auxiliary_losses: AuxiliaryLossArguments | None = None, **kwargs):
+    def __init__(self, *args, auxiliary_losses: AuxiliaryLossArguments | None = None,
+                 parameter_learning_rates: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.parameter_learning_rates = dict(parameter_learning_rates or {})
         self.auxiliary_losses = (AuxiliaryLosses(auxiliary_losses, self.args.seed)
                                  if auxiliary_losses is not None and auxiliary_losses.active else None)
         for default, concise in ((ProgressCallback, ConsoleProgressCallback), (PrinterCallback, ConsolePrinterCallback)):
@@ -159,6 +189,12 @@ class AtomicCheckpointTrainer(Trainer):
         if self.auxiliary_losses is not None and "loss" in logs:  # a training log entry
             logs = {**logs, **self.auxiliary_losses.pop_log_means()}
         super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.parameter_learning_rates:
+            split_learning_rate_groups(optimizer, self.model if model is None else model, self.parameter_learning_rates)
+        return optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
         with fsdp_on_cpu_processes():  # FSDP on CPU processes too (see .distributed)

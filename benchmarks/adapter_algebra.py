@@ -43,7 +43,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import continual  # noqa: E402
-from dynamic_lora_common import RESULTS, load_causal_lm, load_tokenizer, markdown_table  # noqa: E402
+from dynamic_lora_common import RESULTS, load_causal_lm, load_tokenizer, markdown_table, with_ending  # noqa: E402
 
 from reso_hf import adapter_algebra as algebra  # noqa: E402
 
@@ -255,16 +255,16 @@ def main(argv=None) -> dict:
     }
     report["goals"] = goals(losses)
     out = args.out
-    continual.atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(
+    continual.atomic_write(with_ending(out, ".json"), lambda tmp: Path(tmp).write_text(
         json.dumps(report, indent=2), encoding="utf-8"))
-    plot(report, out.with_suffix(".png"))
+    plot(report, with_ending(out, ".png"))
     rows = [[name, losses[name][TASKS[0]], losses["base"][TASKS[0]] - losses[name][TASKS[0]],
              losses[name][TASKS[1]], losses["base"][TASKS[1]] - losses[name][TASKS[1]]] for name in ["base"] + names]
     print(markdown_table(["adapter", f"{TASKS[0]} loss", f"{TASKS[0]} gain", f"{TASKS[1]} loss", f"{TASKS[1]} gain"],
                          rows))
     print(json.dumps(report["goals"], indent=2))
     print(f"similarity(a, b): {report['similarity_a_b']}; union as rank-{args.rank} LoRA: "
-          f"{report['union_as_rank_r_lora']}; wall {report['wall_s']:.0f} s; wrote {out.with_suffix('.json')}")
+          f"{report['union_as_rank_r_lora']}; wall {report['wall_s']:.0f} s; wrote {with_ending(out, '.json')}")
     return report
 
 

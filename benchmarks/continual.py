@@ -115,7 +115,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
-from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table, with_ending  # noqa: E402
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
     parse_guanaco,
@@ -945,7 +945,7 @@ def write_report(args, description: str, data_info: dict, names: list[str], resu
         "metric_definitions": __doc__.split("Metrics:")[1].split("The issue's goal")[0].strip(),
         "results": results, "goal": goal_check(results),
     }
-    atomic_write(args.out.with_suffix(".json"),
+    atomic_write(with_ending(args.out, ".json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
     return report
 
@@ -1003,7 +1003,7 @@ def main(argv=None) -> dict:
     print(f"\n### Continual learning, {label}, {args.split} split\n")
     print(table(results))
     print(f"\ngoal: {json.dumps(report['goal'])}")
-    print(f"wrote {args.out.with_suffix('.json')}")
+    print(f"wrote {with_ending(args.out, '.json')}")
     return report
 
 

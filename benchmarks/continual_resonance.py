@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import continual  # noqa: E402
-from dynamic_lora_common import RESULTS, markdown_table  # noqa: E402
+from dynamic_lora_common import RESULTS, markdown_table, with_ending  # noqa: E402
 
 
 def module_cosines(model) -> dict[str, list[float]]:
@@ -98,17 +98,17 @@ def main(argv=None) -> dict:
         "conflict_threshold": config.conflict_threshold, "vertical_threshold": config.vertical_threshold,
         "pairs": pairs, "counters": result["dynamics"][-1]["counters"],
     }
-    continual.atomic_write(args.out.with_suffix(".json"),
+    continual.atomic_write(with_ending(args.out, ".json"),
                            lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2), encoding="utf-8"))
     plot({pair: [x for v in steps for x in v] for pair, steps in per_step.items()}, config.conflict_threshold,
-         config.vertical_threshold, args.out.with_suffix(".png"),
+         config.vertical_threshold, with_ending(args.out, ".png"),
          f"Vertical resonance: per-module cosines over {pairs[next(iter(pairs))]['steps']} steps ({args.split} split)")
     headers = ["tier pair", "tuner value min", "tuner value max", "module q01", "module median", "module q99",
                "module |v| max", "share v < -conflict", "share v > vertical"]
     rows = [[pair, s["tuner_mean_min"], s["tuner_mean_max"], s["module_q01"], s["module_median"], s["module_q99"],
              s["module_abs_max"], s["module_share_conflict"], s["module_share_aligned"]] for pair, s in pairs.items()]
     print(markdown_table(headers, rows))
-    print(f"wrote {args.out.with_suffix('.json')}")
+    print(f"wrote {with_ending(args.out, '.json')}")
     return report
 
 

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import reso_hf  # noqa: E402
+from dynamic_lora_common import with_ending  # noqa: E402
 from quality import RESULTS, blocks, reso_model, split_rows, training_arguments  # noqa: E402
 from reso_hf.modeling.crystalline import PLATONIC_SOLIDS  # noqa: E402
 from reso_hf.training.auxiliary_losses import AuxiliaryLossArguments  # noqa: E402
@@ -249,12 +250,12 @@ def finish(result: dict, seeds: list[int], stem: Path) -> None:
     rows = summarise(result["runs"], seeds, result.get("speed"))
     table = markdown_table(rows, seeds)
     missing = [name for name in VARIANTS if name not in rows]
-    write_json(stem.with_suffix(".json"), {**result, "summary": rows, "table": table, "not_measured": missing})
+    write_json(with_ending(stem, ".json"), {**result, "summary": rows, "table": table, "not_measured": missing})
     if missing:
         print(f"not measured for every seed: {missing}")
-    plot(rows, stem.with_suffix(".png"))
+    plot(rows, with_ending(stem, ".png"))
     print(table)
-    print(f"wrote {stem.with_suffix('.json')} and .png")
+    print(f"wrote {with_ending(stem, '.json')} and .png")
 
 
 def merge(paths: list[str]) -> None:

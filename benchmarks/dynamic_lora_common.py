@@ -72,6 +72,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def with_ending(stem: Path, ending: str) -> Path:
+    """`stem` + `ending` (".json", ".png"): an --out stem may hold a dot ("lr1.5e-4"), which with_suffix would cut."""
+    return stem.with_name(stem.name + ending)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:

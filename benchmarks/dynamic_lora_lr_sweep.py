@@ -47,7 +47,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
 from continual import atomic_write, collate, held_out_loss, load_tokenizer  # noqa: E402
-from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, markdown_table  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, markdown_table, with_ending  # noqa: E402
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
     bundled_sample_path,
@@ -245,9 +245,9 @@ def main(argv=None) -> dict:
             report = {"benchmark": "dynamic_lora_lr_sweep", "model": description, "torch": torch.__version__,
                       "platform": platform.platform(), "settings": settings, "total_rank": total_rank,
                       "train_rows": len(train), "held_out_rows": len(held_out), "results": results}
-            atomic_write(args.out.with_suffix(".json"),  # a crash loses no finished run
+            atomic_write(with_ending(args.out, ".json"),  # a crash loses no finished run
                          lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
-    plot(results, args.out.with_suffix(".png"),
+    plot(results, with_ending(args.out, ".png"),
          f"{description}: {args.steps} steps x {args.batch} x {args.seq} tokens, constant lr, total rank {total_rank}")
     print(table(results, args.methods))
     return report

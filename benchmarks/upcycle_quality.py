@@ -59,7 +59,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
 from continual import ATTENTION, COMPACT_RANKS, DEFAULT_DATA, atomic_write, collate, held_out_loss, split  # noqa: E402
-from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table  # noqa: E402
+from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table, with_ending  # noqa: E402
 from reso_hf.conversion import convert_from_llama, resonant_parameter_names  # noqa: E402
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
@@ -228,7 +228,7 @@ def plot(rows: list[dict], stem: Path) -> None:
     axis.set_title("SmolLM2-135M vs its ResoLLM conversion, equal steps and tokens")
     axis.legend()
     figure.tight_layout()
-    atomic_write(stem.with_suffix(".png"), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    atomic_write(with_ending(stem, ".png"), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
 
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
                   "platform": platform.platform(), "threads": args.threads, "settings": settings,
                   "data": {"train": len(train_docs), "evaluated": len(eval_docs)}, "lora_ranks": ranks,
                   "rows": rows, **summary(rows)}
-        atomic_write(args.out.with_suffix(".json"),
+        atomic_write(with_ending(args.out, ".json"),
                      lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2), encoding="utf-8"))
         return result
 

@@ -344,3 +344,10 @@ def test_every_baseline_runs_through_the_task_sequence(method):
         assert report["mean_penalty_per_task"][0] == 0.0 and report["mean_penalty_per_task"][2] > 0
     else:
         assert report["buffer_sizes"] == [1, 1] and report["replayed_per_batch"] == 1
+
+
+def test_an_output_stem_with_a_dot_keeps_its_whole_name():
+    from dynamic_lora_common import with_ending
+
+    assert with_ending(Path("results/continual_lr1.5e-4"), ".json") == Path("results/continual_lr1.5e-4.json")
+    assert with_ending(Path("results/continual"), ".png") == Path("results/continual.png")

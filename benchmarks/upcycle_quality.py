@@ -195,6 +195,7 @@ def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ra
     seconds = time.perf_counter() - start
     after = held_out_loss(model, eval_docs, pad_id, args.eval_batch)
     return {"variant": variant, "seed": seed, "trainable_params": sum(p.numel() for p in parameters), "lr": lr,
+            "group_lrs": [group["lr"] for group in optimizer.param_groups],
             "loss_before": before, "loss_after": after, "train_losses": losses, "train_seconds": seconds,
             "resonant_norms": resonant_statistics(model)}
 

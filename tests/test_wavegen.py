@@ -336,3 +336,23 @@ def test_on_migrate_callback_receives_the_examples():
             completion = completion[:completion.index(eos) + 1]
         assert example["completion_ids"] == completion
     assert len(cache) == 0 and cache.stats()["migrated"] == 1
+
+
+# ----- command line -------------------------------------------------------------------------------------------------
+def test_reso_hf_generate_with_cache(tmp_path, capsys):
+    from reso_hf.cli import main as cli_main
+
+    tokenizer = reso_hf.create_default_tokenizer()
+    torch.manual_seed(0)
+    reso_hf.ResoLLMForCausalLM(micro_config(vocab_size=259)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    command = ["generate", "--model", str(tmp_path / "model"), "--prompt", "Once", "--max_new_tokens", "4",
+               "--cache", str(tmp_path / "cache")]
+    assert cli_main(command + ["--greedy"]) == 0
+    first = capsys.readouterr()
+    assert cli_main(command + ["--greedy"]) == 0
+    second = capsys.readouterr()
+    assert "[wavegen] miss" in first.err and "[wavegen] hit (entries=1, hits=1, lookups=2)" in second.err
+    assert first.out == second.out
+    assert cli_main(command) == 2  # sampling without a seed
+    assert "--cache caches only deterministic decoding" in capsys.readouterr().err

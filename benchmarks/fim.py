@@ -8,8 +8,13 @@ only difference is `--fim_rate 0.5` (PSM and SPM half and half, `--fim_spm_rate 
 Data: the guanaco eval split (/work/shared/data/guanaco), rows split by index: the first 80% are the training
 documents, the last 20% held out (nothing is tuned on them). `--quick` uses the bundled 121-row sample instead.
 
-Measured on the held-out documents (each truncated to --eval-tokens tokens, EOS included; for each one a middle span
-is cut at two points drawn with a fixed seed, 4 <= len(middle) <= len(doc) / 2):
+Every document (training and held-out) is cut to --doc-tokens bytes (default block - 8; the default tokenizer has one
+token per byte): the human turn and the start of the answer, still a guanaco conversation. FIM rearranges whole
+documents before packing, so a document longer than a block would have its middle in another block than its
+prefix and suffix; cut to fit, every FIM document is learnable in one block.
+
+Measured on the held-out documents (for each one a middle span is cut at two points drawn with a fixed seed,
+4 <= len(middle) <= len(doc) / 2, EOS not in the middle):
   infill loss (PSM)        mean NLL per middle token of `<fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle`
   prefix-only loss         mean NLL per middle token of `prefix middle` (what a left-to-right model can do)
   next-token loss          mean NLL per token of the whole held-out document, plain (the cost of FIM training)
@@ -60,7 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--block", type=int, default=256, help="block_size (tokens per packed row)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
     parser.add_argument("--eval-docs", type=int, default=100, help="held-out documents evaluated")
-    parser.add_argument("--eval-tokens", type=int, default=240, help="held-out documents are cut to this length")
+    parser.add_argument("--doc-tokens", type=int, default=None,
+                        help="every document (training and held-out) is cut to this many bytes = tokens, so that a "
+                             "FIM-rearranged document fits in one block (default: block - 8)")
     parser.add_argument("--config-overrides", default="{}", help="ResoLLMConfig fields over the tiny preset (JSON)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="bundled sample, a micro model, 4 steps")
@@ -68,9 +75,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/fim[_quick])")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.batch, args.block, args.eval_docs, args.eval_tokens = 4, 4, 64, 6, 60
+        args.steps, args.batch, args.block, args.eval_docs = 4, 4, 64, 6
         args.config_overrides = json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, num_key_value_heads=2))
+    if args.doc_tokens is None:
+        args.doc_tokens = args.block - 8
     if args.out is None:
         args.out = RESULTS / ("fim_quick" if args.quick else "fim")
     return args
@@ -83,6 +92,22 @@ def documents(quick: bool) -> tuple[list[str], list[str]]:
         texts = [json.loads(line)["text"] for line in handle if line.strip()]
     cut = int(len(texts) * TRAIN_FRACTION)
     return texts[:cut], texts[cut:]
+
+
+def shorten(text: str, max_bytes: int) -> str:
+    """The conversation cut to at most `max_bytes` UTF-8 bytes (one token per byte with the default tokenizer), still
+    in the guanaco format: the human turn (at most half the room) and as much of the first assistant turn as fits."""
+    human, _, assistant = text.partition("### Assistant:")
+    assistant = assistant.split("### Human:")[0]
+
+    def cut(part: str, room: int) -> str:
+        while len(part.encode("utf-8")) > room:
+            part = part[: max(0, len(part) - max(1, (len(part.encode("utf-8")) - room) // 4))]
+        return part
+
+    human = cut(human, max_bytes // 2)
+    head = human + "### Assistant:"
+    return head + cut(assistant, max_bytes - len(head.encode("utf-8")))
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
@@ -133,7 +158,7 @@ def evaluate(model, tokenizer, held_out: list[str], args) -> dict:
     rng = random.Random(args.seed)
     totals = {"infill_psm": [0.0, 0], "prefix_only": [0.0, 0], "next_token": [0.0, 0]}
     for text in held_out[:args.eval_docs]:
-        ids = tokenizer(text)["input_ids"][:args.eval_tokens - 1] + [tokenizer.eos_token_id]
+        ids = tokenizer(text)["input_ids"][:args.doc_tokens] + [tokenizer.eos_token_id]
         body = len(ids) - 1
         if body < 12:
             continue
@@ -177,6 +202,8 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train_texts, held_out = documents(args.quick)
+    train_texts = [shorten(t, args.doc_tokens) for t in train_texts]
+    held_out = [shorten(t, args.doc_tokens) for t in held_out]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reso_hf_fim_") as scratch:
         work = args.work_dir or Path(scratch)

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each pretraining run")
     parser.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
-    parser.add_argument("--block", type=int, default=256, help="block_size (tokens per packed row)")
+    parser.add_argument("--block", type=int, default=512, help="block_size (tokens per packed row)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
     parser.add_argument("--eval-docs", type=int, default=100, help="held-out documents evaluated")
     parser.add_argument("--doc-tokens", type=int, default=None,

@@ -103,6 +103,20 @@ def test_changing_any_one_component_of_the_key_misses(change):
     assert torch.equal(output, fresh_generate(model, prompt, seed=kwargs.pop("seed"), attention_mask=mask, **kwargs))
 
 
+def test_a_generation_config_object_is_part_of_the_key():
+    from transformers import GenerationConfig
+
+    model = _SHARED["model"]
+    cache = WaveGenCache()
+    three = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    first = cache.generate(model, PROMPT, generation_config=three)
+    assert first.shape[1] == PROMPT.shape[1] + 3
+    cache.generate(model, PROMPT, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert cache.last_event["result"] == "hit"
+    cache.generate(model, PROMPT, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert cache.last_event["result"] == "miss"
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=st.lists(st.integers(3, 96), min_size=1, max_size=6),
        mode=st.sampled_from(["greedy", "beam", "sample"]), seed=st.integers(0, 2**31 - 1),

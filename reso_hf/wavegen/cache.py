@@ -63,7 +63,7 @@ EVICTION_POLICIES = ("lru", "lfu")
 UNCACHEABLE_ARGUMENTS = (
     "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "streamer", "assistant_model",
     "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus", "past_key_values", "cache",
-    "assistant_tokenizer", "tokenizer", "custom_generate", "generation_config",
+    "assistant_tokenizer", "tokenizer", "custom_generate",
 )
 # GenerationConfig fields that do not change the returned token ids
 _VOLATILE_SETTINGS = ("transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash")
@@ -194,7 +194,9 @@ class WaveGenCache:
         if training_dropout:
             raise ValueError(f"the model is in training mode with active dropout ({training_dropout[0]}, ...): "
                              "generation is not deterministic; call model.eval() first.")
-        generation_config, model_kwargs = model._prepare_generation_config(None, **kwargs)
+        generation_config, model_kwargs = model._prepare_generation_config(kwargs.get("generation_config"),
+                                                                           **{k: v for k, v in kwargs.items()
+                                                                              if k != "generation_config"})
         if generation_config.return_dict_in_generate:
             raise ValueError("generation_config.return_dict_in_generate=True: WaveGen stores token ids only; pass "
                              "return_dict_in_generate=False.")

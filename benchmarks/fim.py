@@ -193,7 +193,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylabel("mean NLL per token (nats)")
     axis.set_title(f"FIM vs no FIM at equal budget ({report['steps']} steps x {report['batch']} x {report['block']} "
                    "tokens)")
-    axis.legend()
+    axis.legend(loc="lower center")
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)

@@ -268,10 +268,11 @@ def restore_adapter(model, state: dict[str, torch.Tensor]) -> None:
 # ----- report ---------------------------------------------------------------------------------------------------
 def plot(report: dict, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    styles = {"static": dict(lw=3, alpha=0.5), "dynamic": dict(lw=1.5), "dynamic_context_off": dict(lw=1.5, ls="--")}
     for name in RUNS:
         run = report["runs"][name]
         hits = run["cumulative_hits"]
-        left.plot(range(1, len(hits) + 1), [h / (i + 1) for i, h in enumerate(hits)], label=name)
+        left.plot(range(1, len(hits) + 1), [h / (i + 1) for i, h in enumerate(hits)], label=name, **styles[name])
     for update in report["runs"]["dynamic"]["updates_at"]:
         left.axvline(update, color="grey", lw=0.5, ls=":")
     left.set_xlabel("request")

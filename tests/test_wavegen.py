@@ -370,3 +370,17 @@ def test_reso_hf_generate_with_cache(tmp_path, capsys):
     assert first.out == second.out
     assert cli_main(command) == 2  # sampling without a seed
     assert "--cache caches only deterministic decoding" in capsys.readouterr().err
+
+
+def test_resollm_goals_are_a_dependency():
+    tokenizer = reso_hf.create_default_tokenizer()
+    model = fresh_model(vocab_size=259, agency={"enabled": True})
+    model.attach_tokenizer(tokenizer)
+    cache = WaveGenCache()
+    cache.generate(model, PROMPT, **GREEDY)
+    assert "state" not in cache.entries[cache.last_event["key"]].dependencies
+    model.create_goal("be concise", tokenizer=tokenizer)
+    with_goal = cache.generate(model, PROMPT, **GREEDY)
+    assert cache.last_event["result"] == "miss"  # a goal enters attention as a prefix slot: another configuration
+    assert "state" in cache.entries[cache.last_event["key"]].dependencies
+    assert torch.equal(with_goal, fresh_generate(model, PROMPT, **GREEDY))

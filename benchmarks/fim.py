@@ -17,12 +17,14 @@ Measured on the held-out documents (for each one a middle span is cut at two poi
 4 <= len(middle) <= len(doc) / 2, EOS not in the middle):
   infill loss (PSM)        mean NLL per middle token of `<fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle`
   prefix-only loss         mean NLL per middle token of `prefix middle` (what a left-to-right model can do)
+  ... (short)              the same two with a second draw of middles of 4..16 tokens (added after the first run
+                           showed no gain on the uniform middles, whose tokens are mostly far from the suffix)
   next-token loss          mean NLL per token of the whole held-out document, plain (the cost of FIM training)
 For the model trained without FIM, the sentinels are tokens it never saw: its best infill is the prefix-only loss,
 so the FIM gain is  best(no-FIM PSM, no-FIM prefix-only) - FIM PSM  and the cost is the ratio of next-token losses.
 
     flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=2 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 \\
-        python benchmarks/fim.py                 # about 8 minutes on 2 cores
+        python benchmarks/fim.py                 # about 7 minutes on 2 cores
     python benchmarks/fim.py --quick              # seconds (tests)
 
 Writes benchmarks/results/fim[_quick].json and .png (atomically) and prints a markdown table.
@@ -56,11 +58,12 @@ from reso_hf.training.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, add_fim_tok
 GUANACO_EVAL = Path("/work/shared/data/guanaco/openassistant_best_replies_eval.jsonl")
 TRAIN_FRACTION = 0.8
 RUNS = {"no_fim": 0.0, "fim_0.5": 0.5}
+SHORT_MIDDLE = 16  # the second protocol: middles of 4..16 tokens
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each pretraining run")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps of each pretraining run")
     parser.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
     parser.add_argument("--block", type=int, default=512, help="block_size (tokens per packed row)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
@@ -135,9 +138,10 @@ def pretrain(name: str, fim_rate: float, work: Path, tokenizer_dir: Path, train_
     return {"model": model, "seconds": time.perf_counter() - start, "summary": summary}
 
 
-def cut_points(length: int, rng: random.Random) -> tuple[int, int]:
-    """A middle of 4 .. length/2 tokens, anywhere in a document of `length` tokens (EOS excluded)."""
-    span = rng.randint(4, max(4, length // 2))
+def cut_points(length: int, rng: random.Random, longest: int | None = None) -> tuple[int, int]:
+    """A middle of 4 .. length/2 tokens (at most `longest`), anywhere in a document of `length` tokens (EOS
+    excluded)."""
+    span = rng.randint(4, max(4, min(length // 2, longest or length)))
     start = rng.randint(0, length - span)
     return start, start + span
 
@@ -155,24 +159,28 @@ def span_nll(model, ids: list[int], first_scored: int, last_scored: int) -> tupl
 
 def evaluate(model, tokenizer, held_out: list[str], args) -> dict:
     sentinels = {token: tokenizer.convert_tokens_to_ids(token) for token in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
-    rng = random.Random(args.seed)
-    totals = {"infill_psm": [0.0, 0], "prefix_only": [0.0, 0], "next_token": [0.0, 0]}
+    rng, short_rng = random.Random(args.seed), random.Random(args.seed + 1)
+    totals = {key: [0.0, 0] for key in ("infill_psm", "prefix_only", "infill_psm_short", "prefix_only_short",
+                                        "next_token")}
+
+    def infill(ids, start, end):
+        prefix, middle, suffix = ids[:start], ids[start:end], ids[end:]
+        psm = [sentinels[FIM_PREFIX], *prefix, sentinels[FIM_SUFFIX], *suffix, sentinels[FIM_MIDDLE], *middle]
+        # a BOS-less causal model cannot score its first token: the prefix-only view starts with the EOS separator
+        # it saw between packed documents
+        plain = [tokenizer.eos_token_id, *prefix, *middle]
+        return (span_nll(model, psm, len(psm) - len(middle), len(psm)),
+                span_nll(model, plain, 1 + len(prefix), len(plain)))
+
     for text in held_out[:args.eval_docs]:
         ids = tokenizer(text)["input_ids"][:args.doc_tokens] + [tokenizer.eos_token_id]
         body = len(ids) - 1
         if body < 12:
             continue
-        start, end = cut_points(body, rng)
-        prefix, middle, suffix = ids[:start], ids[start:end], ids[end:]
-        psm = [sentinels[FIM_PREFIX], *prefix, sentinels[FIM_SUFFIX], *suffix, sentinels[FIM_MIDDLE], *middle]
-        measured = {
-            "infill_psm": span_nll(model, psm, len(psm) - len(middle), len(psm)),
-            # a BOS-less causal model cannot score its first token: the prefix-only view starts with the EOS
-            # separator it saw between packed documents
-            "prefix_only": span_nll(model, [tokenizer.eos_token_id, *prefix, *middle], 1 + len(prefix),
-                                    1 + len(prefix) + len(middle)),
-            "next_token": span_nll(model, [tokenizer.eos_token_id, *ids], 1, 1 + len(ids)),
-        }
+        measured = dict(zip(("infill_psm", "prefix_only"), infill(ids, *cut_points(body, rng))))
+        measured.update(zip(("infill_psm_short", "prefix_only_short"),
+                            infill(ids, *cut_points(body, short_rng, SHORT_MIDDLE))))
+        measured["next_token"] = span_nll(model, [tokenizer.eos_token_id, *ids], 1, 1 + len(ids))
         for key, (nll, count) in measured.items():
             totals[key][0] += nll
             totals[key][1] += count
@@ -181,9 +189,9 @@ def evaluate(model, tokenizer, held_out: list[str], args) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7.5, 4))
-    metrics = ("infill_psm", "prefix_only", "next_token")
-    labels = ("infill loss (PSM)", "middle given prefix only", "held-out next-token loss")
+    figure, axis = plt.subplots(figsize=(9, 4))
+    metrics = ("infill_psm", "prefix_only", "infill_psm_short", "prefix_only_short", "next_token")
+    labels = ("infill (PSM)", "prefix only", "short: infill", "short: prefix only", "next-token")
     width = 0.38
     for offset, name in ((-width / 2, "no_fim"), (width / 2, "fim_0.5")):
         values = [report["runs"][name]["eval"][m] for m in metrics]
@@ -225,22 +233,27 @@ def main(argv=None) -> dict:
                           "eval": evaluate(trained["model"], tokenizer, held_out, args)}
     fim, plain = runs["fim_0.5"]["eval"], runs["no_fim"]["eval"]
     best_plain_infill = min(plain["infill_psm"], plain["prefix_only"])
+    best_plain_short = min(plain["infill_psm_short"], plain["prefix_only_short"])
     report = {
         "steps": args.steps, "batch": args.batch, "block": args.block, "lr": args.lr, "seed": args.seed,
         "tokens_per_run": args.steps * args.batch * args.block, "train_documents": len(train_texts),
         "held_out_documents": len(held_out), "quick": args.quick, "runs": runs,
         "infill_gain_nats": best_plain_infill - fim["infill_psm"],
         "infill_ratio_fim_to_best_plain": fim["infill_psm"] / best_plain_infill,
+        "short_infill_gain_nats": best_plain_short - fim["infill_psm_short"],
+        "short_infill_ratio_fim_to_best_plain": fim["infill_psm_short"] / best_plain_short,
         "next_token_cost_ratio": fim["next_token"] / plain["next_token"],
         "seconds": time.perf_counter() - started,
         "command": "python benchmarks/fim.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    rows = [[name, run["fim_rate"], run["eval"]["infill_psm"], run["eval"]["prefix_only"], run["eval"]["next_token"],
+    rows = [[name, run["fim_rate"], run["eval"]["infill_psm"], run["eval"]["prefix_only"],
+             run["eval"]["infill_psm_short"], run["eval"]["prefix_only_short"], run["eval"]["next_token"],
              run["train_loss"], run["train_seconds"]] for name, run in runs.items()]
-    print(markdown_table(["run", "fim_rate", "infill loss (PSM)", "middle given prefix only", "held-out next-token loss",
-                          "train loss", "train s"], rows))
+    print(markdown_table(["run", "fim_rate", "infill loss (PSM)", "middle given prefix only", "short: infill (PSM)",
+                          "short: prefix only", "held-out next-token loss", "train loss", "train s"], rows))
     print(f"infill: FIM {fim['infill_psm']:.3f} vs best without FIM {best_plain_infill:.3f} nats/token "
-          f"(ratio {report['infill_ratio_fim_to_best_plain']:.3f}); next-token cost ratio "
+          f"(ratio {report['infill_ratio_fim_to_best_plain']:.3f}); short middles: FIM {fim['infill_psm_short']:.3f} vs "
+          f"{best_plain_short:.3f} (ratio {report['short_infill_ratio_fim_to_best_plain']:.3f}); next-token cost ratio "
           f"{report['next_token_cost_ratio']:.3f}")
     write_json(args.out.with_suffix(".json"), report)
     plot(report, args.out.with_suffix(".png"))

@@ -48,8 +48,8 @@ def test_fim_benchmark_runs_at_equal_budget(tmp_path):
     assert runs["fim_0.5"]["parameters"] == runs["no_fim"]["parameters"]
     for run in runs.values():
         assert run["eval"]["middle_tokens"] > 0
-        assert all(0 < run["eval"][key] < 10 for key in ("infill_psm", "prefix_only", "infill_psm_short", "prefix_only_short",
-                                                      "next_token"))
+        keys = ("infill_psm", "prefix_only", "infill_psm_short", "prefix_only_short", "next_token")
+        assert all(0 < run["eval"][key] < 10 for key in keys)
     assert report["next_token_cost_ratio"] == pytest.approx(
         runs["fim_0.5"]["eval"]["next_token"] / runs["no_fim"]["eval"]["next_token"])
     assert (tmp_path / "fim_quick.png").stat().st_size > 0

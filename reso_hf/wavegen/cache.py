@@ -116,8 +116,8 @@ def _rows(tensor: Optional[torch.Tensor], name: str) -> Optional[list]:
     if tensor is None:
         return None
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor (batch, length), got "
-                         f"{type(tensor).__name__}{'' if not isinstance(tensor, torch.Tensor) else tuple(tensor.shape)}.")
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else ""
+        raise ValueError(f"{name} must be a 2-D tensor (batch, length), got {type(tensor).__name__}{shape}.")
     return tensor.detach().cpu().tolist()
 
 
@@ -366,7 +366,8 @@ class WaveGenCache:
     # ----- migration signal ---------------------------------------------------------------------------------
     def migration_example(self, entry: WaveGenEntry, row: int = 0) -> dict:
         """Row `row` of an entry as an SFT example: prompt_ids (padding removed), completion_ids, hits, the
-        components it depended on; with a tokenizer also the decoded prompt, completion and text (prompt and completion together)."""
+        components it depended on; with a tokenizer also the decoded prompt, completion and text (prompt and
+        completion together)."""
         mask = entry.attention_mask[row] if entry.attention_mask is not None else [1] * len(entry.input_ids[row])
         prompt_ids = [t for t, m in zip(entry.input_ids[row], mask) if m]
         completion_ids = list(entry.new_tokens()[row])

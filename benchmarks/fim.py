@@ -201,7 +201,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylabel("mean NLL per token (nats)")
     axis.set_title(f"FIM vs no FIM at equal budget ({report['steps']} steps x {report['batch']} x {report['block']} "
                    "tokens)")
-    axis.legend(loc="lower center")
+    axis.legend(loc="upper right")
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)

@@ -24,7 +24,51 @@ def run_chat(args) -> int:
     return ChatSession(_engine(args), show_metrics=not args.no_metrics, max_new_tokens=args.max_new_tokens).run()
 
 
+def run_generate_cached(args) -> int:
+    """`reso-hf generate --cache DIR`: the generation goes through a WaveGen cache kept in DIR (see reso_hf.wavegen)."""
+    import os
+    import sys
+
+    import torch
+
+    from ..wavegen import CACHE_FILE, WaveGenCache
+    from .inference import check_generating_model, check_max_length, fit_new_tokens
+
+    if not args.greedy and args.seed is None:
+        raise ValueError("--cache caches only deterministic decoding: add --greedy, or --seed N for sampling with a "
+                         "fixed seed.")
+    if args.metrics:
+        raise ValueError("--metrics needs a run of the model, which a cache hit skips: use it without --cache.")
+    model, tokenizer = _load(args.model)
+    check_generating_model(model).eval()
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(model.device)
+    if input_ids.shape[1] == 0:
+        raise ValueError("--prompt encodes to no tokens: give a non-empty prompt.")
+    max_new_tokens, _ = fit_new_tokens(model, input_ids.shape[1], check_max_length(args.max_new_tokens,
+                                                                                     "--max_new_tokens"))
+    exists = os.path.isfile(os.path.join(args.cache, CACHE_FILE))
+    cache = WaveGenCache.from_pretrained(args.cache, tokenizer=tokenizer) if exists else WaveGenCache(
+        tokenizer=tokenizer)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=not args.greedy,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    if not args.greedy:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k)
+    output = cache.generate(model, input_ids, attention_mask=torch.ones_like(input_ids),
+                            seed=None if args.greedy else args.seed, **kwargs)
+    print(tokenizer.decode(output[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True))
+    cache.save_pretrained(args.cache)
+    stats = cache.stats()
+    print(f"[wavegen] {cache.last_event['result']} (entries={stats['entries']}, hits={stats['hits']}, "
+          f"lookups={stats['lookups']})", file=sys.stderr)
+    return 0
+
+
 def run_generate(args) -> int:
+    if args.cache is not None:
+        return run_generate_cached(args)
     engine = _engine(args)
     result = engine.generate(args.prompt, max_length=args.max_new_tokens, seed=args.seed)
     print(result.text)
@@ -56,4 +100,7 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--seed", type=int, default=None, help="seed for sampling and stochastic resonance")
     generate.add_argument("--metrics", action="store_true", help="also print the telemetry as one JSON line")
+    generate.add_argument("--cache", default=None, metavar="DIR",
+                          help="WaveGen cache folder (created if missing): a repeated prompt with the same model, "
+                               "adapter and settings is answered from it; needs --greedy or --seed")
     generate.set_defaults(func=run_generate)

@@ -3,7 +3,7 @@ audio encoder (transformers' own building blocks), two-layer projectors into the
 decoder reading projected features at placeholder tokens. Each modality's placeholder positions carry prime phasor
 codes from their own band of primes (SPEC §3.1), projected by the decoder's `W_p`.
 
-Pooled embeddings of images, audio and text (mean of the decoder's final hidden states, projected to
+Pooled embeddings of images, audio and text (the decoder's final hidden state at the last token, projected to
 `contrastive_dim` and L2-normalised) live in one space for CLIP-style InfoNCE alignment, zero-shot classification
 and retrieval; the decoder's language-model head captions.
 
@@ -28,6 +28,8 @@ from .configuration_reso_llm_multimodal import ResoLLMMultimodalConfig
 from .modeling_reso_llm import ResoLLMModel
 from .primes import first_primes
 from .resonance import prime_phasor
+
+MAX_LOGIT_SCALE = 4.6052  # ln 100
 
 
 @dataclass
@@ -223,12 +225,15 @@ class ResoLLMForConditionalGeneration(ResoLLMMultimodalPreTrainedModel, Generati
     def _pooled(self, inputs_embeds, attention_mask) -> torch.Tensor:
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state
-        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        # The last real token (any padding side): in a causal decoder it is the one position that has read all the
+        # others, as CLIP's text tower reads its end token. Mean pooling drowns the one word that names the class.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.to(torch.long) * (positions + 1)).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return nn.functional.normalize(self.embedding_proj(pooled), dim=-1)
 
     def get_image_embeds(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """L2-normalised (images, contrastive_dim): the decoder reads the image placeholders alone, mean-pooled."""
+        """L2-normalised (images, contrastive_dim): the decoder reads the image placeholders alone; the last one's state."""
         features = self.get_image_features(pixel_values)
         return self._pooled(features, torch.ones(features.shape[:2], dtype=torch.long, device=features.device))
 
@@ -238,14 +243,15 @@ class ResoLLMForConditionalGeneration(ResoLLMMultimodalPreTrainedModel, Generati
         return self._pooled(features, torch.ones(features.shape[:2], dtype=torch.long, device=features.device))
 
     def get_text_embeds(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised (texts, contrastive_dim): mean of the decoder's final hidden states over the real tokens."""
+        """L2-normalised (texts, contrastive_dim): the decoder's final hidden state at the last real token."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self._pooled(self.model.embed_tokens(input_ids), attention_mask)
 
     def contrastive_loss(self, modality_embeds, text_embeds, positives=None) -> torch.Tensor:
-        """InfoNCE between pooled modality and text embeddings with the learned temperature (`info_nce_loss`)."""
-        return info_nce_loss(modality_embeds, text_embeds, self.logit_scale, positives)
+        """InfoNCE between pooled modality and text embeddings with the learned temperature (`info_nce_loss`),
+        its log clamped at ln 100 as in CLIP so that the logits cannot blow up."""
+        return info_nce_loss(modality_embeds, text_embeds, self.logit_scale.clamp(max=MAX_LOGIT_SCALE), positives)
 
     # ---- decoder -------------------------------------------------------------------------------------------
 

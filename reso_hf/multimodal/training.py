@@ -47,7 +47,7 @@ class MultimodalArguments:
         "help": "Ablation switch: true = prime token codes (text_config.prime_embedding) and the modality bands "
                 "(modality_prime_codes); false = the same-size model without either."})
     contrastive_steps: int = field(default=500, metadata={"help": "Stage 1 steps (contrastive alignment)."})
-    captioning_steps: int = field(default=300, metadata={"help": "Stage 2 steps (captioning + contrastive)."})
+    captioning_steps: int = field(default=400, metadata={"help": "Stage 2 steps (captioning + contrastive)."})
     batch_size: int = field(default=64, metadata={"help": "Images (and as many clips) per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})

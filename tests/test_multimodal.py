@@ -346,3 +346,26 @@ def test_training_command_runs_both_stages_and_saves_a_loadable_model(tmp_path):
     with pytest.raises(ValueError, match="eval_split='train' is invalid: expected one of \\('dev', 'test'\\)"):
         parse_recipe(training.ARGUMENT_TYPES, None, ["--eval_split", "train"])
     assert image_caption(7) == "a handwritten seven" and audio_caption(7) == "the tone for key 7"
+
+
+def test_pretrained_towers_and_decoder_load_from_folders(tmp_path):
+    from transformers import SiglipVisionModel, WhisperModel
+
+    model, _ = tiny_model()
+    config = model.config
+    torch.manual_seed(1)
+    vision = SiglipVisionModel(config.vision_config)
+    whisper = WhisperModel(config.audio_config)
+    text = reso_hf.ResoLLMForCausalLM(config.text_config)
+    for name, part in (("vision", vision), ("whisper", whisper), ("text", text)):
+        part.save_pretrained(tmp_path / name)
+    built = ResoLLMForConditionalGeneration.from_parts(config, text_model=str(tmp_path / "text"),
+                                                       vision_tower=str(tmp_path / "vision"),
+                                                       audio_tower=str(tmp_path / "whisper"))
+    for loaded, source in ((built.vision_tower, vision), (built.audio_tower, whisper.encoder), (built.model, text.model)):
+        state = source.state_dict()
+        assert sorted(loaded.state_dict()) == sorted(state)
+        assert all(torch.equal(loaded.state_dict()[key], value) for key, value in state.items())
+    assert built.lm_head.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()
+    with pytest.raises(ValueError, match="vision_tower=3 is invalid: expected a model, a folder or a Hub id"):
+        ResoLLMForConditionalGeneration.from_parts(config, vision_tower=3)

@@ -369,3 +369,15 @@ def test_pretrained_towers_and_decoder_load_from_folders(tmp_path):
     assert built.lm_head.weight.data_ptr() == built.model.embed_tokens.weight.data_ptr()
     with pytest.raises(ValueError, match="vision_tower=3 is invalid: expected a model, a folder or a Hub id"):
         ResoLLMForConditionalGeneration.from_parts(config, vision_tower=3)
+
+
+def test_a_left_padded_batch_gives_each_rows_own_logits():
+    model, processor = tiny_model()
+    texts = [chat(processor, {"type": "image"}), "### Human: a longer prompt <|audio|><|image|>### Assistant:"]
+    batch = processor(text=texts, images=[image(0), image(1)], audio=[clip("5")], padding_side="left")
+    assert batch["attention_mask"][0, 0] == 0  # the shorter row is padded on the left
+    with torch.no_grad():
+        batched = model(**batch).logits[:, -1]
+        first = model(**processor(text=texts[0], images=[image(0)])).logits[0, -1]
+        second = model(**processor(text=texts[1], images=[image(1)], audio=[clip("5")])).logits[0, -1]
+    assert torch.allclose(batched[0], first, atol=1e-5) and torch.allclose(batched[1], second, atol=1e-5)

@@ -239,6 +239,11 @@ def test_cached_decoding_gives_the_uncached_logits(split, with_audio):
 
 def test_save_and_auto_load_round_trip(tmp_path):
     model, processor = tiny_model()
+    torch.manual_seed(5)
+    model = ResoLLMForConditionalGeneration(model.config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.25)  # a trained temperature must survive loading
+        model.model.prime_code.proj.weight.normal_(0, 0.5)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -250,6 +255,7 @@ def test_save_and_auto_load_round_trip(tmp_path):
     assert type(loaded) is ResoLLMForConditionalGeneration and type(loaded_processor) is ResoLLMProcessor
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied
     assert torch.equal(loaded.image_prime_codes, model.image_prime_codes)  # recomputed, not saved
+    assert loaded.logit_scale.item() == 3.25
     text = "<|image|>then<|audio|>"
     inputs = processor(text=text, images=[image()], audio=[clip()])
     again = loaded_processor(text=text, images=[image()], audio=[clip()])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
@@ -116,11 +117,12 @@ class ResoLLMMultimodalPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ResoLLMForConditionalGeneration):
-            module.logit_scale.fill_(self.config.logit_scale_init)
+            # transformers' init functions skip tensors that a checkpoint already filled
+            init.constant_(module.logit_scale, self.config.logit_scale_init)
             for modality in ("image", "audio"):
                 buffer = getattr(module, f"{modality}_prime_codes", None)
-                if buffer is not None:
-                    buffer.copy_(modality_prime_code_table(self.config, modality))
+                if buffer is not None:  # not saved: recomputed whenever weights are initialised
+                    init.copy_(buffer, modality_prime_code_table(self.config, modality))
 
 
 class ResoLLMForConditionalGeneration(ResoLLMMultimodalPreTrainedModel, GenerationMixin):

@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU wheel of torch lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,gguf,bench,memory]'
+	$(BIN)/pip install --quiet -e '.[dev,gguf,bench,memory,digits]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -26,6 +26,7 @@ from .modeling import (
     small_config,
     tiny_config,
 )
+from .modeling import ResoLLMForConditionalGeneration, ResoLLMMultimodalConfig, ResoLLMProcessor
 from .registration import register_reso_llm
 from .tokenization import GUANACO_CHAT_TEMPLATE, ResoTokenizer, create_default_tokenizer, train_tokenizer
 

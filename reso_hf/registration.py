@@ -6,7 +6,9 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForImageTextToText,
     AutoModelForTokenClassification,
+    AutoProcessor,
     AutoTokenizer,
 )
 
@@ -20,6 +22,9 @@ from .modeling import (
     ResoLLMModel,
     ResoLLMPreTrainedModel,
 )
+from .modeling.configuration_reso_llm_multimodal import ResoLLMMultimodalConfig
+from .modeling.modeling_reso_llm_multimodal import ResoLLMForConditionalGeneration, ResoLLMMultimodalPreTrainedModel
+from .modeling.processing_reso_llm import ResoLLMProcessor
 from .modeling.tokenization_reso_llm import ResoTokenizer
 
 # Auto class -> ResoLLM class; each is registered and writes its `auto_map` entry when saved.
@@ -45,6 +50,21 @@ def register_reso_llm() -> None:
     ResoTokenizer.register_for_auto_class("AutoTokenizer")
     if _weights_mode_save_hook not in ResoLLMPreTrainedModel._post_save_hooks:
         ResoLLMPreTrainedModel._post_save_hooks.append(_weights_mode_save_hook)
+    register_reso_llm_multimodal()
+
+
+def register_reso_llm_multimodal() -> None:
+    """`reso_llm_multimodal` (issue 16): AutoConfig, AutoModelForImageTextToText (the task of LLaVA-style models
+    that take images and text and write text; audio rides along) and AutoProcessor, with their `auto_map`."""
+    AutoConfig.register(ResoLLMMultimodalConfig.model_type, ResoLLMMultimodalConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(ResoLLMMultimodalConfig, ResoLLMForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(ResoLLMMultimodalConfig, ResoLLMProcessor, exist_ok=True)
+    AutoTokenizer.register(ResoLLMMultimodalConfig, fast_tokenizer_class=ResoTokenizer, exist_ok=True)
+    ResoLLMMultimodalConfig.register_for_auto_class()
+    ResoLLMForConditionalGeneration.register_for_auto_class(AutoModelForImageTextToText.__name__)
+    ResoLLMProcessor.register_for_auto_class("AutoProcessor")
+    if _weights_mode_save_hook not in ResoLLMMultimodalPreTrainedModel._post_save_hooks:
+        ResoLLMMultimodalPreTrainedModel._post_save_hooks.append(_weights_mode_save_hook)
 
 
 def _weights_mode_save_hook(model, save_directory) -> None:

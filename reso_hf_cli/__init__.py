@@ -128,6 +128,29 @@ example:
 reso-hf train-tokenizer --help-all lists every field.
 """
 
+MULTIMODAL_HELP = """usage: reso-hf train-multimodal [RECIPE.yaml] [--FIELD VALUE ...]
+
+Train a ResoLLM with a vision tower and a log-mel audio encoder on scikit-learn's digits and generated DTMF tones:
+contrastive alignment (InfoNCE), then captioning; evaluates zero-shot accuracy, retrieval P@1 and captions.
+""" + RECIPE_COMMON + """
+common fields:
+  --output_dir DIR              model/, run_summary.json, loss_curves.png go here
+  --prime_codes BOOL            prime token codes + modality prime bands (false: the same-size ablation)
+  --contrastive_steps N         stage 1 steps
+  --captioning_steps N          stage 2 steps
+  --batch_size N                images (and clips) per step
+  --learning_rate LR            peak AdamW learning rate
+  --vision_tower PATH           a pretrained vision tower (folder or Hub id) instead of the tiny random one
+  --audio_tower PATH            a pretrained Whisper model or encoder instead of the tiny random one
+  --eval_split NAME             dev or test
+  --seed N                      seed of splits, initialisation and batches
+
+example:
+  reso-hf train-multimodal recipes/multimodal/digits_dtmf.yaml
+
+reso-hf train-multimodal --help-all lists every field.
+"""
+
 COMMANDS = {
     "train": Command("reso_hf.training.commands", "Pretrain a ResoLLM from scratch (YAML recipe + flags).",
                      TRAIN_HELP),
@@ -136,6 +159,9 @@ COMMANDS = {
     "eval": Command("reso_hf.training.commands", "Held-out loss, perplexity and samples; writes eval_results.json.",
                     EVAL_HELP),
     "train-tokenizer": Command("reso_hf.training.commands", "Train a byte-level BPE ResoTokenizer.", TOKENIZER_HELP),
+    "train-multimodal": Command("reso_hf.training.commands",
+                                "Train the image + audio ResoLLM on digits and DTMF tones (YAML recipe + flags).",
+                                MULTIMODAL_HELP),
     "convert": Command("reso_hf.conversion", "Convert a Llama-family model into a ResoLLM computing the same function."),
     "chat": Command("reso_hf.runtime.commands", "Interactive chat with a saved model."),
     "generate": Command("reso_hf.runtime.commands", "Generate a continuation of --prompt."),

@@ -22,3 +22,6 @@ from .modeling_reso_llm import (
     ResoLLMModel,
     ResoLLMPreTrainedModel,
 )
+from .configuration_reso_llm_multimodal import ResoLLMMultimodalConfig
+from .modeling_reso_llm_multimodal import ResoLLMForConditionalGeneration, info_nce_loss
+from .processing_reso_llm import ResoLLMProcessor, create_multimodal_tokenizer

@@ -1,4 +1,4 @@
-"""The recipe commands of `reso-hf`: train, sft, eval, train-tokenizer.
+"""The recipe commands of `reso-hf`: train, sft, eval, train-tokenizer, train-multimodal.
 
 Each takes an optional YAML recipe first, then any field as a flag (flags win):
 
@@ -75,14 +75,25 @@ def _train_tokenizer(argv: list[str]) -> int:
     return 0
 
 
+def _train_multimodal(argv: list[str]) -> int:
+    from ..multimodal.training import main
+
+    return main(*split_recipe_argument(argv))
+
+
 def _argument_types(name: str) -> tuple:
     from . import evaluate, pretrain, sft
 
+    if name == "train-multimodal":
+        from ..multimodal.training import ARGUMENT_TYPES
+
+        return ARGUMENT_TYPES
     return {"train": pretrain.ARGUMENT_TYPES, "sft": sft.ARGUMENT_TYPES, "eval": evaluate.ARGUMENT_TYPES,
             "train-tokenizer": _tokenizer_argument_types()}[name]
 
 
-COMMANDS = {"train": _train, "sft": _sft, "eval": _eval, "train-tokenizer": _train_tokenizer}
+COMMANDS = {"train": _train, "sft": _sft, "eval": _eval, "train-tokenizer": _train_tokenizer,
+            "train-multimodal": _train_multimodal}
 
 
 def run(name: str, argv: list[str]) -> int:

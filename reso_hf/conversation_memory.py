@@ -133,6 +133,8 @@ class ConversationMemory:
             model's adapters, "lora" for a model without any).
         target_modules: modules to adapt (PEFT's notation); None: "all-linear" (PEFT's choice: every linear layer of
             the decoder, not the output head).
+        layers: decoder layers that get the memory: None (all), an int k (the last k layers: the backward pass then
+            stops there, so a step costs much less) or a list of layer indices.
         chat_template: "auto", "model" or "guanaco", as in SFT (`reso_hf.training.data.resolve_chat_template`).
         max_length: tokens kept per turn (longer turns are cut).
         session: name of the new session; None: a name from the UTC time and a random suffix.
@@ -141,8 +143,8 @@ class ConversationMemory:
     """
 
     def __init__(self, model, tokenizer, memory_dir: str, steps_per_turn: int = 4, lr: float = 3e-3, rank: int = 8,
-                 decay: float = 0.8, window: int = 16, max_layers: int = 8, adapter_type: str = "auto",
-                 target_modules=None, chat_template: str = "auto", max_length: int = 512,
+                 decay: float = 0.8, window: int = 8, max_layers: int = 8, adapter_type: str = "auto",
+                 target_modules=None, layers=None, chat_template: str = "auto", max_length: int = 512,
                  session: Optional[str] = None, adapter_name: str = "memory", seed: int = 0):
         if not isinstance(memory_dir, (str, os.PathLike)) or not str(memory_dir):
             raise ValueError(f"memory_dir must be a folder path, got {memory_dir!r}.")
@@ -163,6 +165,9 @@ class ConversationMemory:
         self.template = resolve_chat_template(tokenizer, chat_template)
         self.adapter_name = adapter_name
         self.target_modules = "all-linear" if target_modules is None else target_modules
+        self.layers = self._layer_indices(model, layers)
+        if self.layers is not None:  # PEFT refuses layers_to_transform with "all-linear": name the modules instead
+            self.target_modules = self._modules_in_layers(model, self.target_modules, self.layers)
         self.model, self.adapter_type, self.others = self._attach(model, adapter_type, seed)
         self.parameters = [p for n, p in self.model.named_parameters() if f".{adapter_name}." in n
                            or n.endswith(f".{adapter_name}")]
@@ -175,6 +180,48 @@ class ConversationMemory:
         self.new_session(session)
 
     # ----- the adapter --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _layer_indices(model, layers) -> Optional[list[int]]:
+        if layers is None:
+            return None
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        count = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, bool) or not isinstance(layers, (int, list, tuple, range)):
+            raise ValueError(f"layers must be None, an int (the last k layers) or a list of layer indices, got "
+                             f"{layers!r}.")
+        if isinstance(layers, int):
+            if count is None or not 1 <= layers <= count:
+                raise ValueError(f"layers={layers} must be between 1 and the model's num_hidden_layers ({count}).")
+            return list(range(count - layers, count))
+        indices = sorted(set(layers))
+        if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                              or (count is not None and i >= count) for i in indices):
+            raise ValueError(f"layers must be decoder layer indices in [0, {count}), got {list(layers)!r}.")
+        return indices
+
+    @staticmethod
+    def _modules_in_layers(model, target_modules, layers: list[int]) -> list[str]:
+        """Full names of the linear modules of `layers` that `target_modules` selects (PEFT's suffix match for a
+        list; "all-linear": all of them). Adapter-internal modules of a PeftModel are skipped."""
+        from transformers.pytorch_utils import Conv1D
+
+        from .adapter_composition import decoder_layer_index
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        chosen = []
+        for name, module in base.named_modules():
+            if not isinstance(module, (torch.nn.Linear, Conv1D)) or decoder_layer_index(name) not in layers:
+                continue
+            if re.search(r"\.(lora_[AB]|dynamic_lora_[AB])\.", name):
+                continue
+            name = name.removesuffix(".base_layer")  # a module that already carries an adapter
+            if target_modules == "all-linear" or (not isinstance(target_modules, str) and any(
+                    name == t or name.endswith("." + t) for t in target_modules)):
+                chosen.append(name)
+        if not chosen:
+            raise ValueError(f"target_modules={target_modules!r} selects no linear module in layers {layers}.")
+        return chosen
+
     def _memory_config(self, adapter_type: str):
         if adapter_type == "lora":
             from peft import LoraConfig

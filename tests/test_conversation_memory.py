@@ -107,6 +107,15 @@ def test_observe_turn_lowers_the_turn_loss_and_trains_only_the_memory(tokenizer,
             assert float(memory.turn_losses([turn])[0]) == pytest.approx(before, abs=0.2)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dynamic_lora"])
+def test_layers_puts_the_memory_on_the_last_layers_only(tokenizer, tmp_path, kind):
+    memory = memory_for(tokenizer, tmp_path, adapter_type=kind, layers=1)
+    names = [n for n, _ in memory.model.named_parameters() if ".memory." in n]
+    assert names and all(".layers.1." in n for n in names)
+    stats = memory.observe_turn(*TURNS[0])
+    assert stats["loss_after"] < stats["loss_before"]
+
+
 def test_memory_on_a_model_with_a_lora_adapter_keeps_it_active_and_frozen(tokenizer, tmp_path):
     model = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=2, target_modules=["q_proj"]),
                            adapter_name="skill")
@@ -129,6 +138,13 @@ def test_memory_on_a_model_with_a_lora_adapter_keeps_it_active_and_frozen(tokeni
         torch.testing.assert_close(model(input_ids=torch.tensor([[5, 6, 7]])).logits, reference)
     with pytest.raises(ValueError, match="PEFT cannot mix adapter types"):
         ConversationMemory(model, tokenizer, str(tmp_path), adapter_type="dynamic_lora", adapter_name="other")
+    # a second memory on the last layer's q_proj, which already carries both adapters
+    recent = ConversationMemory(model, tokenizer, str(tmp_path), adapter_name="recent", layers=1,
+                                target_modules=["q_proj"])
+    assert recent.target_modules == ["model.layers.1.self_attn.q_proj"]
+    assert [n for n, _ in model.named_parameters() if ".recent." in n] == [
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.recent.weight",
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.recent.weight"]
 
 
 @pytest.mark.parametrize("kind,model_fn", [("lora", tiny_llama), ("dynamic_lora", tiny_llama), ("lora", tiny_reso)])
@@ -205,7 +221,9 @@ def test_bad_arguments_are_clear_errors(tokenizer, tmp_path):
                             ({"rank": 1.5}, "rank must be an int >= 1"),
                             ({"adapter_type": "ia3"}, r"adapter_type must be one of \['auto', 'lora', 'dynamic_lora'\]"),
                             ({"session": "../escape"}, "session must be 1-128 characters"),
-                            ({"chat_template": "jinja"}, "chat_template must be one of")]:
+                            ({"chat_template": "jinja"}, "chat_template must be one of"),
+                            ({"layers": 0}, r"layers=0 must be between 1 and the model's num_hidden_layers \(2\)"),
+                            ({"layers": [0, 2]}, r"layers must be decoder layer indices in \[0, 2\), got \[0, 2\]")]:
         with pytest.raises(ValueError, match=message):
             ConversationMemory(model, tokenizer, str(tmp_path), **kwargs)
     (tmp_path / "file").write_text("x")

@@ -114,11 +114,11 @@ def make_session(seed: int, people: int, attributes: list[str]) -> dict:
     return {"seed": seed, "turns": turns, "questions": questions}
 
 
-def probe_rows(tokenizer, rows: int, max_tokens: int) -> list[tuple[list, list]]:
+def probe_rows(tokenizer, rows: int, max_tokens: int, path: Path = GUANACO) -> list[tuple[list, list]]:
     """The first `rows` guanaco eval rows (answers labelled), cut to max_tokens: text unrelated to the facts."""
     template = tokenizer.chat_template
     result = []
-    for text in read_jsonl_texts(str(GUANACO)):
+    for text in read_jsonl_texts(str(path)):
         ids, labels = tokenize_messages(tokenizer, parse_guanaco(text), template, assistant_only=True)
         ids, labels = ids[:max_tokens], labels[:max_tokens]
         if sum(label != IGNORE_INDEX for label in labels) >= 8:
@@ -224,8 +224,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="steps_per_turn values tried on dev")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="lr values tried on dev")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=8, help="the memory adapts the last K decoder layers")
+    parser.add_argument("--target-modules", nargs="+", default=None, help="default: all linear modules")
     parser.add_argument("--decay", type=float, default=0.8)
     parser.add_argument("--adapter-type", default="lora", choices=["lora", "dynamic_lora"])
+    parser.add_argument("--probe-data", type=Path, default=GUANACO, help="guanaco-format jsonl of the probe rows")
     parser.add_argument("--probe-rows", type=int, default=30)
     parser.add_argument("--probe-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -271,9 +274,10 @@ def main(argv=None) -> dict:
     model, description = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)
     workdir = tempfile.mkdtemp(prefix="memory_layers_")
-    memory = ConversationMemory(model, tokenizer, workdir, rank=args.rank, decay=args.decay,
+    memory = ConversationMemory(model, tokenizer, workdir, rank=args.rank, decay=args.decay, layers=args.layers,
+                                target_modules=args.target_modules,
                                 adapter_type=args.adapter_type, max_layers=len(args.test_seeds), chat_template="model")
-    probe = probe_rows(tokenizer, args.probe_rows, args.probe_tokens)
+    probe = probe_rows(tokenizer, args.probe_rows, args.probe_tokens, args.probe_data)
     with memory.disabled():
         base_probe = mean_loss(memory, probe)
     print(f"loaded {description} in {time.perf_counter() - started:.0f} s; probe base loss {base_probe:.4f}",
@@ -321,6 +325,7 @@ def main(argv=None) -> dict:
             "retrieval_top1": hits / questions, "answer_loss_retrieved_mean": statistics.mean(routed)}
     report = {
         "model": description, "adapter_type": args.adapter_type, "rank": args.rank, "decay": args.decay,
+        "layers": args.layers, "target_modules": args.target_modules or "all-linear",
         "people": args.people, "attributes": args.attributes, "probe_rows": len(probe),
         "dev": {"seeds": args.dev_seeds, "grid": grid,
                 "chosen": {"steps_per_turn": chosen["steps_per_turn"], "lr": chosen["lr"]}},

@@ -332,3 +332,30 @@ def test_reso_hf_chat_memory_flags_are_checked(checkpoint, tmp_path, capsys, mon
         assert cli_main(["chat", "--model", checkpoint, *flags]) == 2
         assert re.search(message, capsys.readouterr().err), message
 
+
+
+def test_memory_layers_benchmark_quick_on_a_tiny_model(tokenizer, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import memory_layers
+
+    from reso_hf.training.data import bundled_sample_path
+
+    session = memory_layers.make_session(3, 1, ["town", "number"])
+    assert len(session["turns"]) == 2 and len(session["questions"]) == 4
+    statements = " ".join(a for _, a in session["turns"])
+    for user, answer, value in session["questions"]:
+        assert value in answer and value in statements and answer not in statements  # paraphrased
+    memory = memory_for(tokenizer, tmp_path / "m")
+    ids, labels = memory_layers.value_rows(memory, session["questions"][:1])[0]
+    assert tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX]).strip() == \
+        session["questions"][0][2]
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    report = memory_layers.main(["--quick", "--model", str(model_dir), "--probe-data", bundled_sample_path(),
+                                 "--layers", "1", "--threads", "1", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["test"]["sessions"][0]["answer_loss_memory"] == report["test"]["sessions"][0]["answer_loss_memory"]
+    assert saved["dev"]["chosen"] == {"steps_per_turn": 2, "lr": 3e-3} and (tmp_path / "out.png").stat().st_size > 0
+    assert 0 <= saved["test"]["retrieval_top1"] <= 1 and saved["probe_rows"] == 4

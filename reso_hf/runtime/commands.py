@@ -3,7 +3,7 @@
 import json
 
 # The ConversationMemory defaults (tuned on the dev facts of benchmarks/memory_layers.py): the chat's flags too.
-MEMORY_DEFAULTS = {"steps_per_turn": 4, "lr": 3e-3, "rank": 8, "decay": 0.8, "max_layers": 8}
+MEMORY_DEFAULTS = {"steps_per_turn": 4, "lr": 1e-3, "rank": 8, "layers": 8, "decay": 0.8, "max_layers": 8}
 
 
 def _load(model: str):
@@ -28,7 +28,7 @@ def _check_memory_args(args) -> None:
         if given:
             raise ValueError(f"--{given[0]} needs --memory DIR")
         return
-    for flag in ("memory_steps", "memory_rank", "memory_max_layers"):
+    for flag in ("memory_steps", "memory_rank", "memory_layers", "memory_max_layers"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not args.memory_lr > 0:
@@ -55,8 +55,12 @@ def run_chat(args) -> int:
         except ValueError as error:
             raise ValueError(f"--memory_session: {error}") from error
     model, tokenizer = _load(args.model)
+    layer_count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layer_count is not None:
+        args.memory_layers = min(args.memory_layers, layer_count)
     memory = ConversationMemory(model, tokenizer, args.memory, steps_per_turn=args.memory_steps, lr=args.memory_lr,
-                                rank=args.memory_rank, decay=args.memory_decay, max_layers=args.memory_max_layers,
+                                rank=args.memory_rank, layers=args.memory_layers, decay=args.memory_decay,
+                                max_layers=args.memory_max_layers,
                                 session=args.memory_session)
     resume = args.memory_session is not None
     if resume and args.memory_session in memory.sessions():
@@ -105,6 +109,9 @@ def add_parser(subparsers) -> None:
                         help=f"learning rate of the memory layer (default {MEMORY_DEFAULTS['lr']})")
     memory.add_argument("--memory_rank", type=int, default=MEMORY_DEFAULTS["rank"],
                         help=f"rank of the memory adapter (default {MEMORY_DEFAULTS['rank']})")
+    memory.add_argument("--memory_layers", type=int, default=MEMORY_DEFAULTS["layers"],
+                        help=f"the memory adapts the last K decoder layers (default {MEMORY_DEFAULTS['layers']}, capped at "
+                             f"the model's layer count)")
     memory.add_argument("--memory_decay", type=float, default=MEMORY_DEFAULTS["decay"],
                         help=f"recency decay per turn of age, in (0, 1] (default {MEMORY_DEFAULTS['decay']})")
     memory.add_argument("--memory_max_layers", type=int, default=MEMORY_DEFAULTS["max_layers"],

@@ -170,17 +170,40 @@ def value_rows(memory: ConversationMemory, questions) -> list[tuple[list, list]]
     return rows
 
 
-def losses(memory: ConversationMemory, session: dict) -> dict:
+@torch.no_grad()
+def losses(memory: ConversationMemory, session: dict, batch: int = 8) -> dict:
+    """{"answer", "value"}: mean loss per token of the answers and of the values in them (one forward for both)."""
     answers = [memory.encode_turn(u, a) for u, a, _ in session["questions"]]
-    return {"answer": mean_loss(memory, answers), "value": mean_loss(memory, value_rows(memory, session["questions"]))}
+    values = value_rows(memory, session["questions"])
+    totals = {"answer": [0.0, 0], "value": [0.0, 0]}
+    for start in range(0, len(answers), batch):
+        input_ids, answer_labels, mask = memory._batch(answers[start:start + batch])
+        _, value_labels, _ = memory._batch(values[start:start + batch])
+        logits = memory.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, :-1].transpose(1, 2)
+        for key, labels in (("answer", answer_labels), ("value", value_labels)):
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            totals[key][0] += float(loss)
+            totals[key][1] += int((targets != IGNORE_INDEX).sum())
+    return {key: total / count for key, (total, count) in totals.items()}
+
+
+_BASE_LOSSES: dict = {}
+
+
+def base_losses(memory: ConversationMemory, session: dict) -> dict:
+    """Losses of the model without memory (cached per session: the same for every setting)."""
+    if session["seed"] not in _BASE_LOSSES:
+        with memory.disabled():
+            _BASE_LOSSES[session["seed"]] = losses(memory, session)
+    return _BASE_LOSSES[session["seed"]]
 
 
 def run_session(memory: ConversationMemory, session: dict, control: dict, probe, base_probe: float, name: str) -> dict:
     """Train a fresh layer on `session`; evaluate its questions, the questions of `control` (other facts: what the
     layer gains there is style, not memory) and the probe."""
     memory.new_session(name)
-    with memory.disabled():
-        base, control_base = losses(memory, session), losses(memory, control)
+    base, control_base = base_losses(memory, session), base_losses(memory, control)
     start = time.perf_counter()
     for user, assistant in session["turns"]:
         memory.observe_turn(user, assistant)
@@ -217,12 +240,12 @@ def summarize(results: list[dict]) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, a folder or a Hub id")
-    parser.add_argument("--dev-seeds", type=int, nargs="+", default=[100, 101], help="seeds of the dev sessions")
+    parser.add_argument("--dev-seeds", type=int, nargs="+", default=[100], help="seeds of the dev sessions")
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[1, 2, 3], help="held-out sessions")
     parser.add_argument("--people", type=int, default=1, help="people per session (one turn per fact)")
     parser.add_argument("--attributes", nargs="+", default=list(TEMPLATES), choices=list(TEMPLATES))
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="steps_per_turn values tried on dev")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="lr values tried on dev")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4], help="steps_per_turn values tried on dev")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="lr values tried on dev")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--layers", type=int, default=8, help="the memory adapts the last K decoder layers")
     parser.add_argument("--target-modules", nargs="+", default=None, help="default: all linear modules")
@@ -230,7 +253,7 @@ def parse_args(argv=None):
     parser.add_argument("--adapter-type", default="lora", choices=["lora", "dynamic_lora"])
     parser.add_argument("--probe-data", type=Path, default=GUANACO, help="guanaco-format jsonl of the probe rows")
     parser.add_argument("--probe-rows", type=int, default=30)
-    parser.add_argument("--probe-tokens", type=int, default=128)
+    parser.add_argument("--probe-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 dev and 1 test session, 1 setting, 6 probe rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_layers")
@@ -270,6 +293,7 @@ def main(argv=None) -> dict:
         args.dev_seeds, args.test_seeds, args.steps, args.lrs = args.dev_seeds[:1], args.test_seeds[:1], [2], [3e-3]
         args.attributes, args.probe_rows, args.probe_tokens = args.attributes[:2], 4, 64
     torch.set_num_threads(args.threads)
+    _BASE_LOSSES.clear()  # a previous main() in this process had another model
     started = time.perf_counter()
     model, description = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)

@@ -222,6 +222,7 @@ def test_bad_arguments_are_clear_errors(tokenizer, tmp_path):
                             ({"adapter_type": "ia3"}, r"adapter_type must be one of \['auto', 'lora', 'dynamic_lora'\]"),
                             ({"session": "../escape"}, "session must be 1-128 characters"),
                             ({"chat_template": "jinja"}, "chat_template must be one of"),
+                            ({"adapter_name": "my.memory"}, "adapter_name must be a Python identifier"),
                             ({"layers": 0}, r"layers=0 must be between 1 and the model's num_hidden_layers \(2\)"),
                             ({"layers": [0, 2]}, r"layers must be decoder layer indices in \[0, 2\), got \[0, 2\]")]:
         with pytest.raises(ValueError, match=message):

@@ -164,7 +164,8 @@ class ConversationMemory:
         self.max_length = _positive_int(max_length, "max_length")
         self.template = resolve_chat_template(tokenizer, chat_template)
         if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-            raise ValueError(f"adapter_name must be a Python identifier (it names torch modules), got {adapter_name!r}.")
+            raise ValueError(f"adapter_name must be a Python identifier (it names torch modules), got "
+                             f"{adapter_name!r}.")
         self.adapter_name = adapter_name
         self.target_modules = "all-linear" if target_modules is None else target_modules
         self.layers = self._layer_indices(model, layers)

@@ -167,8 +167,8 @@ class ChatSession:
             return
         memory.save()
         removed = memory.prune()
-        line = (f"[memory] session {memory.session}, turn {stats['turn']}: assistant loss {stats['loss_before']:.3f} -> "
-                f"{stats['loss_after']:.3f}")
+        line = (f"[memory] session {memory.session}, turn {stats['turn']}: assistant loss "
+                f"{stats['loss_before']:.3f} -> {stats['loss_after']:.3f}")
         if removed:
             line += f"; pruned {', '.join(removed)}"
         self.say(line)

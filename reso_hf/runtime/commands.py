@@ -98,8 +98,8 @@ def add_parser(subparsers) -> None:
     chat.add_argument("--no_metrics", action="store_true", help="start with the metrics display off")
     memory = chat.add_argument_group("conversation memory (README: Conversation memory layers)")
     memory.add_argument("--memory", default=None, metavar="DIR",
-                        help="train a memory layer (a small adapter) on this conversation and save it in DIR/<session>/; "
-                             "the first message recalls the closest saved layer")
+                        help="train a memory layer (a small adapter) on this conversation and save it in "
+                             "DIR/<session>/; the first message recalls the closest saved layer")
     memory.add_argument("--memory_session", default=None,
                         help="session name: continue it when DIR holds it, else start it (default: a new timestamped "
                              "session, or the recalled one)")
@@ -110,14 +110,15 @@ def add_parser(subparsers) -> None:
     memory.add_argument("--memory_rank", type=int, default=MEMORY_DEFAULTS["rank"],
                         help=f"rank of the memory adapter (default {MEMORY_DEFAULTS['rank']})")
     memory.add_argument("--memory_layers", type=int, default=MEMORY_DEFAULTS["layers"],
-                        help=f"the memory adapts the last K decoder layers (default {MEMORY_DEFAULTS['layers']}, capped at "
-                             f"the model's layer count)")
+                        help=f"the memory adapts the last K decoder layers (default {MEMORY_DEFAULTS['layers']}, "
+                             f"capped at the model's layer count)")
     memory.add_argument("--memory_decay", type=float, default=MEMORY_DEFAULTS["decay"],
                         help=f"recency decay per turn of age, in (0, 1] (default {MEMORY_DEFAULTS['decay']})")
     memory.add_argument("--memory_max_layers", type=int, default=MEMORY_DEFAULTS["max_layers"],
                         help=f"saved layers kept by importance (default {MEMORY_DEFAULTS['max_layers']})")
     memory.add_argument("--memory_min_similarity", type=float, default=0.5,
-                        help="cosine to a saved layer's centroid above which the first message recalls it (default 0.5)")
+                        help="cosine to a saved layer's centroid above which the first message recalls it "
+                             "(default 0.5)")
     chat.set_defaults(func=run_chat)
 
     generate = subparsers.add_parser("generate", help="generate a continuation of --prompt")

@@ -3,7 +3,7 @@
 import json
 
 # The ConversationMemory defaults (tuned on the dev facts of benchmarks/memory_layers.py): the chat's flags too.
-MEMORY_DEFAULTS = {"steps_per_turn": 4, "lr": 1e-3, "rank": 8, "layers": 8, "decay": 0.8, "max_layers": 8}
+MEMORY_DEFAULTS = {"steps_per_turn": 4, "lr": 3e-4, "rank": 8, "layers": 8, "decay": 0.8, "max_layers": 8}
 
 
 def _load(model: str):

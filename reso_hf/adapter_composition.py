@@ -348,6 +348,20 @@ class AdapterComposite:
         return composite
 
 
+@torch.no_grad()
+def prompt_embedding(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(batch, hidden): the mean of `model`'s input token embeddings over each row's unmasked tokens, minus the mean of
+    the whole embedding matrix (trained embeddings share a large common direction that would make every cosine
+    close to 1). The cheap prompt signal of routing and of conversation memory retrieval: no forward pass."""
+    table = model.get_input_embeddings()
+    embeddings = table(input_ids).float()
+    common = table.weight.float().mean(dim=0)
+    if attention_mask is None:
+        return embeddings.mean(dim=1) - common
+    mask = attention_mask.unsqueeze(-1).float()
+    return (embeddings * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0) - common
+
+
 class AdapterRouter:
     """Routes a prompt to the composite's adapters by the similarity of its embedding to each adapter's centroid.
 
@@ -368,16 +382,9 @@ class AdapterRouter:
         composite.router = self
         composite.set_topology("routed")
 
-    @torch.no_grad()
     def embed(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(batch, hidden) mean input embedding of each row."""
-        table = self.composite.model.get_input_embeddings()
-        embeddings = table(input_ids).float()
-        common = table.weight.float().mean(dim=0)
-        if attention_mask is None:
-            return embeddings.mean(dim=1) - common
-        mask = attention_mask.unsqueeze(-1).float()
-        return (embeddings * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0) - common
+        """(batch, hidden) mean input embedding of each row (`prompt_embedding`)."""
+        return prompt_embedding(self.composite.model, input_ids, attention_mask)
 
     def fit(self, name: str, prompts: Sequence[torch.Tensor]) -> None:
         """The centroid of adapter `name` = mean embedding of example prompts of its task (1-D token id tensors)."""

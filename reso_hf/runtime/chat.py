@@ -6,11 +6,16 @@ Reads lines from a text stream (stdin by default) and writes to another (stdout)
 - ``goal <description>``: create a goal on the model for the next response (agency, SPEC §3.6);
 - ``status``: print the model, its switches and extensions, the stability of the last generation,
   the suggested temperature and the active goals;
-- ``metrics``: toggle the one-line metrics shown after each response.
+- ``metrics``: toggle the one-line metrics shown after each response;
+- ``memory``: with a conversation memory (``reso-hf chat --memory DIR``), its session, turns and the saved layers.
 
 Any other non-empty line is a user message: the conversation so far is formatted with the tokenizer's
 chat template (when it has one) and the model's answer is printed as ``Assistant: <text>``. Errors of a
 command (bad goal, missing agency) are printed as ``error: <message>`` and the session goes on.
+
+With a `ConversationMemory` (reso_hf.conversation_memory), the first message recalls the saved memory layer whose
+centroid is closest to it (cosine >= `memory_min_similarity`; else a new session starts), and after every answer the
+layer trains on the turn, is saved into its session folder and the saved layers are pruned to the most important.
 
 Any causal LM works (also with a PEFT adapter); stability, the ResoLLM switches and goals are shown
 only for a ResoLLM, the others get the model line and the token count / time of each answer.
@@ -22,6 +27,7 @@ from collections import Counter
 from .inference import describe_model, generate_result
 
 COMMANDS_HELP = "commands: exit | goal <description> | status | metrics"
+MEMORY_HELP = " | memory"
 STEPS_SHOWN = 5
 
 
@@ -44,8 +50,12 @@ def summarize_warnings(warnings: list[dict]) -> str:
 
 class ChatSession:
     def __init__(self, engine, show_metrics: bool = True, max_new_tokens: int = 128, input_stream=None,
-                 output_stream=None, use_chat_template: bool = True):
+                 output_stream=None, use_chat_template: bool = True, memory=None, memory_min_similarity: float = 0.5,
+                 resume_session: bool = False):
         self.engine = engine
+        self.memory = memory
+        self.memory_min_similarity = float(memory_min_similarity)
+        self.memory_settled = resume_session  # True: the session is chosen, no recall at the first message
         self.show_metrics = bool(show_metrics)
         self.max_new_tokens = max_new_tokens
         self.input = input_stream if input_stream is not None else sys.stdin
@@ -66,7 +76,7 @@ class ChatSession:
 
     def run(self) -> int:
         title = "ResoLLM" if self.engine.reso_model is not None else describe_model(self.engine.model)
-        self.say(f"{title} chat. {COMMANDS_HELP}")
+        self.say(f"{title} chat. {COMMANDS_HELP}{MEMORY_HELP if self.memory is not None else ''}")
         if self.notice:
             self.say(self.notice)
         for raw in self.input:
@@ -89,6 +99,8 @@ class ChatSession:
             self.say(f"metrics display: {'on' if self.show_metrics else 'off'}")
         elif command == "goal":
             self.set_goal(argument)
+        elif command == "memory" and self.memory is not None:
+            self.say(self.memory_status())
         else:
             self.respond(line)
         return True
@@ -109,6 +121,8 @@ class ChatSession:
         return self.engine.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def respond(self, message: str) -> None:
+        if self.memory is not None and not self.memory_settled:
+            self.recall(message)
         prompt = self._prompt(message)
         # Keep the most recent turns that fit in the context together with the answer.
         context = getattr(self.engine.model.config, "max_position_embeddings", None)
@@ -127,6 +141,44 @@ class ChatSession:
             self.say(result.metrics_line())
             if result.warnings:
                 self.say(f"  {summarize_warnings(result.warnings)}")
+        if self.memory is not None:
+            self.remember(message, result.text)
+
+    # ----- conversation memory ----------------------------------------------------------------------------------
+    def recall(self, message: str) -> None:
+        """First message of a session: continue the closest saved layer, or start a new one."""
+        memory = self.memory
+        self.memory_settled = True
+        ranked = memory.retrieve(message, top_k=1)
+        if ranked and ranked[0][1] >= self.memory_min_similarity:
+            session, similarity = ranked[0]
+            memory.load(session)
+            self.say(f"[memory] recalled session {session} (cosine {similarity:.2f}, {memory.turn_count} turns)")
+        else:
+            best = f"; closest cosine {ranked[0][1]:.2f} < {self.memory_min_similarity:.2f}" if ranked else ""
+            self.say(f"[memory] new session {memory.session}{best}")
+
+    def remember(self, message: str, answer: str) -> None:
+        memory = self.memory
+        try:
+            stats = memory.observe_turn(message, answer)
+        except ValueError as error:  # e.g. an empty answer: nothing to learn from, the chat goes on
+            self.say(f"[memory] turn not learned: {error}")
+            return
+        memory.save()
+        removed = memory.prune()
+        line = (f"[memory] session {memory.session}, turn {stats['turn']}: assistant loss "
+                f"{stats['loss_before']:.3f} -> {stats['loss_after']:.3f}")
+        if removed:
+            line += f"; pruned {', '.join(removed)}"
+        self.say(line)
+
+    def memory_status(self) -> str:
+        memory = self.memory
+        saved = memory.sessions()
+        return (f"memory: session {memory.session}, {memory.turn_count} turns, importance {memory.importance:.3f}; "
+                f"{len(saved)} saved layer{'s' if len(saved) != 1 else ''} in {memory.memory_dir} "
+                f"(max {memory.max_layers})")
 
     def status(self) -> str:
         model = self.engine.reso_model

@@ -2,6 +2,9 @@
 
 import json
 
+# The ConversationMemory defaults (tuned on the dev facts of benchmarks/memory_layers.py): the chat's flags too.
+MEMORY_DEFAULTS = {"steps_per_turn": 4, "lr": 3e-4, "rank": 8, "layers": 8, "decay": 0.8, "max_layers": 8}
+
 
 def _load(model: str):
     from ..loading import load_causal_lm, load_tokenizer, resolve_model_source
@@ -18,10 +21,54 @@ def _engine(args):
                             top_k=args.top_k)
 
 
+def _check_memory_args(args) -> None:
+    """Clear errors naming the flag before the model loads."""
+    if args.memory is None:
+        given = [flag for flag in ("memory_session",) if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} needs --memory DIR")
+        return
+    for flag in ("memory_steps", "memory_rank", "memory_layers", "memory_max_layers"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.memory_lr > 0:
+        raise ValueError(f"--memory_lr must be > 0, got {args.memory_lr}")
+    if not 0 < args.memory_decay <= 1:
+        raise ValueError(f"--memory_decay must be in (0, 1], got {args.memory_decay}")
+    if not -1 <= args.memory_min_similarity <= 1:
+        raise ValueError(f"--memory_min_similarity must be in [-1, 1] (a cosine), got "
+                         f"{args.memory_min_similarity}")
+
+
 def run_chat(args) -> int:
     from .chat import ChatSession
+    from .inference import ResoLLMInference
 
-    return ChatSession(_engine(args), show_metrics=not args.no_metrics, max_new_tokens=args.max_new_tokens).run()
+    _check_memory_args(args)
+    if args.memory is None:
+        return ChatSession(_engine(args), show_metrics=not args.no_metrics, max_new_tokens=args.max_new_tokens).run()
+    from ..conversation_memory import ConversationMemory, check_session_name
+
+    if args.memory_session is not None:
+        try:
+            check_session_name(args.memory_session)
+        except ValueError as error:
+            raise ValueError(f"--memory_session: {error}") from error
+    model, tokenizer = _load(args.model)
+    layer_count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layer_count is not None:
+        args.memory_layers = min(args.memory_layers, layer_count)
+    memory = ConversationMemory(model, tokenizer, args.memory, steps_per_turn=args.memory_steps, lr=args.memory_lr,
+                                rank=args.memory_rank, layers=args.memory_layers, decay=args.memory_decay,
+                                max_layers=args.memory_max_layers,
+                                session=args.memory_session)
+    resume = args.memory_session is not None
+    if resume and args.memory_session in memory.sessions():
+        memory.load(args.memory_session)
+    engine = ResoLLMInference(memory.model, tokenizer, temperature=args.temperature, do_sample=not args.greedy,
+                              top_k=args.top_k)
+    return ChatSession(engine, show_metrics=not args.no_metrics, max_new_tokens=args.max_new_tokens, memory=memory,
+                       memory_min_similarity=args.memory_min_similarity, resume_session=resume).run()
 
 
 def run_generate_cached(args) -> int:
@@ -93,6 +140,29 @@ def add_parser(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="interactive chat (commands: exit, goal <d>, status, metrics)")
     _common(chat)
     chat.add_argument("--no_metrics", action="store_true", help="start with the metrics display off")
+    memory = chat.add_argument_group("conversation memory (README: Conversation memory layers)")
+    memory.add_argument("--memory", default=None, metavar="DIR",
+                        help="train a memory layer (a small adapter) on this conversation and save it in "
+                             "DIR/<session>/; the first message recalls the closest saved layer")
+    memory.add_argument("--memory_session", default=None,
+                        help="session name: continue it when DIR holds it, else start it (default: a new timestamped "
+                             "session, or the recalled one)")
+    memory.add_argument("--memory_steps", type=int, default=MEMORY_DEFAULTS["steps_per_turn"],
+                        help=f"optimizer steps per turn (default {MEMORY_DEFAULTS['steps_per_turn']})")
+    memory.add_argument("--memory_lr", type=float, default=MEMORY_DEFAULTS["lr"],
+                        help=f"learning rate of the memory layer (default {MEMORY_DEFAULTS['lr']})")
+    memory.add_argument("--memory_rank", type=int, default=MEMORY_DEFAULTS["rank"],
+                        help=f"rank of the memory adapter (default {MEMORY_DEFAULTS['rank']})")
+    memory.add_argument("--memory_layers", type=int, default=MEMORY_DEFAULTS["layers"],
+                        help=f"the memory adapts the last K decoder layers (default {MEMORY_DEFAULTS['layers']}, "
+                             f"capped at the model's layer count)")
+    memory.add_argument("--memory_decay", type=float, default=MEMORY_DEFAULTS["decay"],
+                        help=f"recency decay per turn of age, in (0, 1] (default {MEMORY_DEFAULTS['decay']})")
+    memory.add_argument("--memory_max_layers", type=int, default=MEMORY_DEFAULTS["max_layers"],
+                        help=f"saved layers kept by importance (default {MEMORY_DEFAULTS['max_layers']})")
+    memory.add_argument("--memory_min_similarity", type=float, default=0.5,
+                        help="cosine to a saved layer's centroid above which the first message recalls it "
+                             "(default 0.5)")
     chat.set_defaults(func=run_chat)
 
     generate = subparsers.add_parser("generate", help="generate a continuation of --prompt")

@@ -23,8 +23,7 @@ Measured on the held-out documents (for each one a middle span is cut at two poi
 For the model trained without FIM, the sentinels are tokens it never saw: its best infill is the prefix-only loss,
 so the FIM gain is  best(no-FIM PSM, no-FIM prefix-only) - FIM PSM  and the cost is the ratio of next-token losses.
 
-    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=2 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 \\
-        python benchmarks/fim.py                 # about 7 minutes on 2 cores
+    python benchmarks/fim.py                 # about 7 minutes on 2 cores
     python benchmarks/fim.py --quick              # seconds (tests)
 
 Writes benchmarks/results/fim[_quick].json and .png (atomically) and prints a markdown table.

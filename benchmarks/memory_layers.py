@@ -20,7 +20,7 @@ held-out seeds. Retrieval: all held-out sessions are saved into one folder and
 each question is routed to the layer with the closest centroid (`retrieve`): top-1 accuracy and the answer loss with
 the retrieved layer.
 
-    flock /tmp/heavy.lock nice -n 10 python benchmarks/memory_layers.py          # about 10 minutes on 2 CPU cores
+    python benchmarks/memory_layers.py          # about 10 minutes on 2 CPU cores
     python benchmarks/memory_layers.py --quick                                   # smoke run, < 1 minute
 
 Writes benchmarks/results/memory_layers.json and memory_layers.png (atomically) and prints a markdown table.

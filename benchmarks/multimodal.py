@@ -1,6 +1,6 @@
 """Multimodal ResoLLM (issue 16) on held-out digits + DTMF tones, against the same-size model without prime codes.
 
-    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=2 python benchmarks/multimodal.py [--quick]
+    python benchmarks/multimodal.py [--quick]
 
 Both variants are trained by `reso_hf.multimodal.training` with the recipe recipes/multimodal/digits_dtmf.yaml
 (same splits, seed, steps and batches); they differ only in `--prime_codes`: true = prime token codes

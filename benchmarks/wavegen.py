@@ -20,9 +20,8 @@ migration examples the run exported: entries with >= T hits, handed to `on_migra
 `cache.validate(model)`: entries invalidated per change. Also reported: NLL of the migration examples' completions
 before and after that slow-tier step.
 
-    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=2 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 \\
-        python benchmarks/wavegen.py                         # tiny model, about 3 minutes on 2 cores
-    ... python benchmarks/wavegen.py --model smollm2 --requests 150 --questions 30 --new-tokens 24   # SmolLM2, 11 min
+    python benchmarks/wavegen.py                         # tiny model, about 3 minutes on 2 cores
+    python benchmarks/wavegen.py --model smollm2 --requests 150 --questions 30 --new-tokens 24   # SmolLM2, 11 min
     python benchmarks/wavegen.py --quick                      # untrained micro model, seconds (tests)
 
 Writes benchmarks/results/wavegen[_smollm2|_quick].json and .png (atomically) and prints a markdown table.

@@ -177,6 +177,20 @@ def test_flex_block_sparse_path_equals_dense(uncompiled_flex, learned):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected[:1], rtol=1e-5, atol=1e-5)
 
 
+def test_flex_packed_documents_equal_dense(uncompiled_flex):
+    dense = group_model(primes=[2, 3, 5, 2], local_window=2, attn="eager")
+    flex = twin(dense, "flex_attention")
+    ids = torch.randint(3, 97, (1, 20))
+    position_ids = torch.cat([torch.arange(8), torch.arange(12)])[None]  # two packed documents
+    with torch.no_grad():
+        # Without a cache: transformers detects packing only then.
+        expected = dense(ids, position_ids=position_ids, use_cache=False).logits
+        got = flex(ids, position_ids=position_ids, use_cache=False).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        alone = dense(ids[:, 8:], use_cache=False).logits  # the second document sees nothing of the first
+    torch.testing.assert_close(expected[:, 8:], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_flex_block_mask_skips_tiles_in_residue_order():
     """In residue-class order the subgroup part is block-diagonal: tiles of the causal triangle drop out. Each head
     keeps the cheaper order, so none computes more tiles than causal attention."""

@@ -27,6 +27,7 @@ from transformers.masking_utils import (
     and_masks,
     causal_mask_function,
     create_causal_mask,
+    packed_sequence_mask_function,
     padding_mask_function,
     prepare_padding_mask,
 )
@@ -167,7 +168,7 @@ def _residue_order(positions: torch.Tensor, primes: torch.Tensor) -> torch.Tenso
 
 
 def _flex_pass(config, inputs_embeds, attention_mask, past_key_values, position_ids, primes: torch.Tensor):
-    early_exit, attention_mask, _, q_length, kv_length, q_offset, kv_offset = _preprocess_mask_arguments(
+    early_exit, attention_mask, packed, q_length, kv_length, q_offset, kv_offset = _preprocess_mask_arguments(
         config, inputs_embeds, attention_mask, past_key_values, position_ids, 0
     )
     if early_exit:
@@ -179,6 +180,8 @@ def _flex_pass(config, inputs_embeds, attention_mask, past_key_values, position_
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         mask_function = and_masks(mask_function, padding_mask_function(padding))
+    if packed is not None:  # packed documents (position ids restart): no attention across a boundary
+        mask_function = and_masks(mask_function, packed_sequence_mask_function(packed))
     query_positions = torch.arange(q_length, device=device) + q_offset
     key_positions = torch.arange(kv_length, device=device) + kv_offset
     heads = len(primes)

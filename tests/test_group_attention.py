@@ -67,7 +67,8 @@ def test_mask_matches_hand_built_reference(primes, attn):
     assert torch.equal(allowed[0], expected) and torch.equal(allowed[1], expected)
     # Spot checks of the definition itself: head 0 with prime p sees i - p*k and the window only.
     p = primes[0]
-    assert expected[0, 12].nonzero().flatten().tolist() == sorted({j for j in range(13) if (12 - j) % p == 0 or 12 - j < 3})
+    visible = sorted({j for j in range(13) if (12 - j) % p == 0 or 12 - j < 3})
+    assert expected[0, 12].nonzero().flatten().tolist() == visible
 
 
 def test_attended_fraction_counts_reference_pairs():

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .modeling import (
     AgencyConfig,
     EntanglementConfig,
+    GroupAttentionConfig,
     PRSCConfig,
     ResoLLMConfig,
     ResoLLMForCausalLM,

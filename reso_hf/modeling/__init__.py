@@ -3,6 +3,7 @@
 from .configuration_reso_llm import (
     AgencyConfig,
     EntanglementConfig,
+    GroupAttentionConfig,
     PRSCConfig,
     ResoLLMConfig,
     StabilityConfig,

@@ -183,6 +183,34 @@ class StochasticResonanceConfig(_SubConfig):
     escape_threshold: float = _number(0.5, 0.0, 1.0, "Repetition score above which noise is added.")
 
 
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+@dataclass
+class GroupAttentionConfig(_SubConfig):
+    """Group-structured attention (README "Group-structured attention"): head h with prime p_h lets query i attend
+    key j iff j <= i and ((i - j) % p_h == 0 or i - j < local_window)."""
+
+    _name = "group_attention"
+    enabled: bool = _flag(False, "Restrict each head to the coset of its prime's cyclic subgroup plus a local window.")
+    primes: object = field(default="auto", metadata={"help": "'auto' (the first num_attention_heads primes: "
+                                                              "2, 3, 5, ...) or one prime per attention head."})
+    local_window: int = _count(32, "Keys closer than this many positions are always visible.")
+    learned_selection: bool = _flag(False, "Mix, per head, the outputs under every distinct prime of `primes` with "
+                                           "learned softmax weights (adaptive symmetry discovery).")
+
+    def validate(self):
+        super().validate()
+        allowed = "'auto' or a non-empty list of primes (ints >= 2), one per attention head"
+        if isinstance(self.primes, tuple):
+            self.primes = list(self.primes)
+        if self.primes != "auto":
+            ok = isinstance(self.primes, list) and len(self.primes) > 0 and all(
+                isinstance(p, int) and not isinstance(p, bool) and _is_prime(p) for p in self.primes)
+            _check(ok, "group_attention.primes", self.primes, allowed)
+
+
 # Tensor parallelism of the resonant parts, beside Llama's plan for the attention and MLP projections: the Kuramoto
 # phase projection and per-head coupling are split by key/value head like `k_proj` (the module then runs on its local
 # shards), and the goal/memory prefix projections like `k_proj`/`v_proj`. The prime code, coherence gates and concept
@@ -202,6 +230,7 @@ SUB_CONFIGS = {
     "stability": StabilityConfig,
     "entanglement": EntanglementConfig,
     "stochastic_resonance": StochasticResonanceConfig,
+    "group_attention": GroupAttentionConfig,
 }
 
 
@@ -226,8 +255,8 @@ class ResoLLMConfig(PretrainedConfig):
     - `coherence_gate_normalized` (bool): divide each gate by its value at the initial score (bias 2, weight 0), so a
       gate there is exactly 1 and trainable (models converted from Llama set it and start there).
     - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
-    - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`: sub-configs
-      (objects or dicts) for the v2 extensions.
+    - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`, `group_attention`:
+      sub-configs (objects or dicts) for the v2 extensions.
     """
 
     model_type = "reso_llm"
@@ -281,6 +310,7 @@ class ResoLLMConfig(PretrainedConfig):
         stability=None,
         entanglement=None,
         stochastic_resonance=None,
+        group_attention=None,
         source_model: str | None = None,
         reso_hf_version: str = RESO_HF_VERSION,
         **kwargs,
@@ -373,6 +403,9 @@ class ResoLLMConfig(PretrainedConfig):
         _check_range("", "coherence_sharpness", self.coherence_sharpness, 0.0, 1000.0, low_open=True)
         _check(self.hidden_act in HIDDEN_ACTIVATIONS, "hidden_act", self.hidden_act, f"one of {HIDDEN_ACTIVATIONS}")
         _check(self.initializer in INITIALIZERS, "initializer", self.initializer, f"one of {INITIALIZERS}")
+        primes = self.group_attention.primes
+        _check(primes == "auto" or len(primes) == self.num_attention_heads, "group_attention.primes", primes,
+               f"'auto' or one prime per attention head ({self.num_attention_heads} of them)")
 
     def _validate_rope_parameters(self):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

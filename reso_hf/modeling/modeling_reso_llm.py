@@ -47,6 +47,7 @@ from .crystalline import (
     phi_harmonic_std,
 )
 from .generation_reso_llm import ResoLLMGenerationMixin
+from .group_attention import GroupAttentionMask, ResoLLMPrimeSelection, candidate_primes, create_group_attention_mask
 from .primes import first_primes
 from .resonance import (
     ResoLLMConceptBank,
@@ -200,6 +201,8 @@ class ResoLLMAttention(nn.Module):
         if uses_prefix_slots(config):
             self.prefix_key_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
             self.prefix_value_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        if config.group_attention.enabled and config.group_attention.learned_selection:
+            self.group_selection = ResoLLMPrimeSelection(self.num_heads, len(candidate_primes(config)))
 
     def _prefix_key_values(self, prefix_states: torch.Tensor):
         batch, slots, _ = prefix_states.shape
@@ -277,6 +280,8 @@ class ResoLLMAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if isinstance(attention_mask, GroupAttentionMask):  # per-head group-structured masks (group_attention.py)
+            attention_interface = attention_mask.routed(attention_interface)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -594,6 +599,8 @@ class ResoLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.coupling, module.coupling_init)
         elif isinstance(module, ResoLLMCoherenceGate):
             init.constant_(module.score.bias, ResoLLMCoherenceGate.INITIAL_BIAS)
+        elif isinstance(module, ResoLLMPrimeSelection):
+            init.zeros_(module.logits)
         elif isinstance(module, ResoLLMConceptBank):
             init.normal_(module.keys, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.values, mean=0.0, std=self.config.initializer_range)
@@ -721,18 +728,28 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            self.config,
-            inputs_embeds,
-            attention_mask,
-            past_key_values,  # positional: named `past_key_values` before 5.24, `cache` from 5.24
-            position_ids=position_ids,
-        )
+        add_prefix = None
         if prefix_states is not None:
             if prefix_visible is None:
                 prefix_visible = torch.ones(prefix_states.shape[:2], dtype=torch.bool, device=prefix_states.device)
-            causal_mask = mask_with_prefix(causal_mask, prefix_visible, seq_len, past_seen_tokens + seq_len,
-                                           inputs_embeds.dtype, inputs_embeds.device)
+
+            def add_prefix(mask):
+                return mask_with_prefix(mask, prefix_visible, seq_len, past_seen_tokens + seq_len,
+                                        inputs_embeds.dtype, inputs_embeds.device)
+
+        if self.config.group_attention.enabled:
+            causal_mask = create_group_attention_mask(self.config, inputs_embeds, attention_mask, past_key_values,
+                                                      position_ids, dense_transform=add_prefix)
+        else:
+            causal_mask = create_causal_mask(
+                self.config,
+                inputs_embeds,
+                attention_mask,
+                past_key_values,  # positional: named `past_key_values` before 5.24, `cache` from 5.24
+                position_ids=position_ids,
+            )
+            if add_prefix is not None:
+                causal_mask = add_prefix(causal_mask)
         # Which of the new tokens are real (not padding): Kuramoto's mean field must ignore padding.
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_len:]

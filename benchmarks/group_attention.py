@@ -1,8 +1,7 @@
 """Group-structured attention (issue 15) against dense causal attention: held-out loss at an equal training budget,
 and forward time at 2k and 8k tokens.
 
-    flock /tmp/heavy.lock nice -n 10 env OMP_NUM_THREADS=2 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 \\
-        python benchmarks/group_attention.py ../shared/data/guanaco/openassistant_best_replies_eval.jsonl [--quick]
+    python benchmarks/group_attention.py ../shared/data/guanaco/openassistant_best_replies_eval.jsonl [--quick]
 
 Quality: quality.py's setup (the same rows, 10% held out by a seeded permutation, a byte-level BPE trained on the
 training rows, packed blocks, Trainer's AdamW with warm-up and cosine decay). The `tiny` preset (4 heads, so the

@@ -183,6 +183,28 @@ class StochasticResonanceConfig(_SubConfig):
     escape_threshold: float = _number(0.5, 0.0, 1.0, "Repetition score above which noise is added.")
 
 
+EXIT_LOSS_WEIGHTS = ("layerskip", "uniform")
+
+
+@dataclass
+class AdaptiveDepthConfig(_SubConfig):
+    """Entropy-based early exit per token and the per-layer losses that train for it (README "Adaptive depth").
+
+    In evaluation mode, after decoder layer l (1-based) with min_layers <= l < num_hidden_layers, a token whose
+    next-token distribution softmax(lm_head(norm(h_l))) has entropy below the threshold exits: its state is frozen,
+    its logits are those, and the later layers compute only its keys and values, from the frozen state (CALM)."""
+
+    _name = "adaptive_depth"
+    enabled: bool = _flag(False, "Exit early by default (threshold `entropy_threshold`); `generate(..., "
+                                 "exit_entropy_threshold=...)` and `forward` override the threshold either way.")
+    min_layers: int = _count(2, "The first layer after which a token may exit (1-based); < num_hidden_layers.")
+    entropy_threshold: float = _number(0.0, 0.0, 1e6, "Entropy (nats) below which a token exits; 0 = never.")
+    loss_scale: float = _number(0.0, 0.0, 1e6, "LayerSkip e_scale of the per-layer early-exit losses in training; "
+                                               "0 trains the last layer only (the plain LM loss).")
+    loss_weights: str = _choice("layerskip", EXIT_LOSS_WEIGHTS, "Shape of the per-layer loss weights: 'layerskip' "
+                                "(quadratic in depth, Elhoushi et al. 2024) or 'uniform'.")
+
+
 # Tensor parallelism of the resonant parts, beside Llama's plan for the attention and MLP projections: the Kuramoto
 # phase projection and per-head coupling are split by key/value head like `k_proj` (the module then runs on its local
 # shards), and the goal/memory prefix projections like `k_proj`/`v_proj`. The prime code, coherence gates and concept
@@ -202,6 +224,7 @@ SUB_CONFIGS = {
     "stability": StabilityConfig,
     "entanglement": EntanglementConfig,
     "stochastic_resonance": StochasticResonanceConfig,
+    "adaptive_depth": AdaptiveDepthConfig,
 }
 
 
@@ -226,8 +249,8 @@ class ResoLLMConfig(PretrainedConfig):
     - `coherence_gate_normalized` (bool): divide each gate by its value at the initial score (bias 2, weight 0), so a
       gate there is exactly 1 and trainable (models converted from Llama set it and start there).
     - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
-    - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`: sub-configs
-      (objects or dicts) for the v2 extensions.
+    - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`, `adaptive_depth`:
+      sub-configs (objects or dicts) for the v2 extensions.
     """
 
     model_type = "reso_llm"
@@ -281,6 +304,7 @@ class ResoLLMConfig(PretrainedConfig):
         stability=None,
         entanglement=None,
         stochastic_resonance=None,
+        adaptive_depth=None,
         source_model: str | None = None,
         reso_hf_version: str = RESO_HF_VERSION,
         **kwargs,
@@ -373,6 +397,10 @@ class ResoLLMConfig(PretrainedConfig):
         _check_range("", "coherence_sharpness", self.coherence_sharpness, 0.0, 1000.0, low_open=True)
         _check(self.hidden_act in HIDDEN_ACTIVATIONS, "hidden_act", self.hidden_act, f"one of {HIDDEN_ACTIVATIONS}")
         _check(self.initializer in INITIALIZERS, "initializer", self.initializer, f"one of {INITIALIZERS}")
+        depth = self.adaptive_depth
+        _check(not (depth.enabled or depth.loss_scale > 0) or depth.min_layers < self.num_hidden_layers,
+               "adaptive_depth.min_layers", depth.min_layers,
+               f"an int in [1, {self.num_hidden_layers - 1}] (below num_hidden_layers={self.num_hidden_layers})")
 
     def _validate_rope_parameters(self):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

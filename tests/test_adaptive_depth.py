@@ -306,3 +306,39 @@ def test_config_and_exits_survive_save_and_load(tmp_path):
         assert torch.equal(before.exit_layers, after.exit_layers)
         # Non-persistent buffers are recomputed at load (in float64 here, cast from float32 before): rounding only.
         assert torch.allclose(before.logits, after.logits, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training switches: `reso-hf train` config_overrides and `reso-hf sft --early_exit_loss_scale`
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_config_overrides_switch_the_per_layer_losses_on():
+    from reso_hf.training.arguments import PretrainArguments
+    from reso_hf.training.pretrain import build_model
+
+    tokenizer = reso_hf.create_default_tokenizer()
+    overrides = json.dumps({"num_hidden_layers": 3, "adaptive_depth": {"loss_scale": 0.5, "min_layers": 1}})
+    model = build_model(PretrainArguments(model_preset="tiny", config_overrides=overrides), tokenizer, 64)
+    assert model.config.adaptive_depth.loss_scale == 0.5 and model.config.adaptive_depth.min_layers == 1
+    ids = torch.randint(3, len(tokenizer), (1, 8))
+    assert model.train()(ids, labels=ids).layer_losses.shape == (3,)
+
+
+def test_sft_early_exit_loss_scale_sets_the_config_or_names_the_problem():
+    from reso_hf.training.arguments import ArgumentError, SftArguments
+    from reso_hf.training.sft import set_early_exit_loss_scale
+
+    base = reso_hf.ResoLLMForCausalLM(micro_config(num_hidden_layers=NUM_LAYERS))
+    set_early_exit_loss_scale(base, 0.3)
+    assert base.config.adaptive_depth.loss_scale == 0.3 and base.config.adaptive_depth.min_layers == 2
+    assert base.config.to_dict()["adaptive_depth"]["loss_scale"] == 0.3
+    shallow = reso_hf.ResoLLMForCausalLM(micro_config(num_hidden_layers=2, adaptive_depth={"min_layers": 2}))
+    with pytest.raises(ArgumentError, match="min_layers=2 leaves no layer to exit from in 2 layers"):
+        set_early_exit_loss_scale(shallow, 0.3)
+    llama = type("Llama", (), {"config": type("Config", (), {"model_type": "llama"})()})()
+    with pytest.raises(ArgumentError, match="needs a ResoLLM base.*'llama'"):
+        set_early_exit_loss_scale(llama, 0.3)
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ArgumentError, match="early_exit_loss_scale must be a finite number >= 0"):
+            SftArguments(base_model="x", early_exit_loss_scale=bad)

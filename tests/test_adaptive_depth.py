@@ -113,6 +113,18 @@ def test_generate_reports_layers_used_per_token():
     assert mixed.layers_used == [recomputed.exit_layers[0, prompt.shape[1] - 1:].tolist()]
 
 
+def test_coherence_trace_of_a_gate_only_model_averages_the_layers_that_ran():
+    model = depth_model(kuramoto=False, min_layers=2)
+    prompt = torch.tensor([[5, 17, 33, 41]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    out = model.generate(prompt, exit_entropy_threshold=math.inf, **kwargs)
+    assert out.layers_used == [[2] * 5] and len(out.coherence_trace[0]) == 5
+    gates = model(out.sequences[:, :-1], exit_entropy_threshold=math.inf, output_gates=True).gates
+    assert len(gates) == 2  # without a cache, nothing runs once every token has exited
+    expected = torch.stack([g[0, prompt.shape[1] - 1:] for g in gates]).float().mean(0)
+    assert out.coherence_trace[0] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
 def _median_entropy(model, ids) -> float:
     return float(layer_entropies(model, ids)[1:-1].median())
 

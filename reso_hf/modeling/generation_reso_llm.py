@@ -557,31 +557,38 @@ class _DepthRecorder:
 
 
 class _CoherenceRecorder:
-    """Forward hooks that record, per forward pass, the mean coherence of the last position (see docstring)."""
+    """Forward hooks that record, per forward pass, the mean coherence of the last position (see docstring): each
+    layer's hook adds its value, and the backbone's hook closes the step with the mean over the layers that ran
+    (all of them, except gates of layers an early exit skipped)."""
 
     def __init__(self, model):
         self.steps: list[torch.Tensor] = []
         self._current = None
+        self._count = 0
         self._handles = []
-        layers = model.model.layers
-        for index, layer in enumerate(layers):
+        for layer in model.model.layers:
             kuramoto = layer.self_attn.kuramoto
             gate = layer.coherence_gate
             if kuramoto is not None:
-                self._handles.append(kuramoto.register_forward_hook(self._hook(index, len(layers), 2, True)))
+                self._handles.append(kuramoto.register_forward_hook(self._hook(2, True)))
             elif gate is not None:
-                self._handles.append(gate.register_forward_hook(self._hook(index, len(layers), 1, False)))
+                self._handles.append(gate.register_forward_hook(self._hook(1, False)))
         self.active = bool(self._handles)  # the network has a coherence signal
+        if self.active:
+            self._handles.append(model.model.register_forward_hook(self._close_step))
 
-    def _hook(self, index, num_layers, output_index, per_head):
+    def _hook(self, output_index, per_head):
         def hook(module, args, output):
             value = output[output_index].detach()
             value = value[:, :, -1].float().mean(dim=1) if per_head else value[:, -1].float()
-            self._current = value if index == 0 else self._current + value
-            if index == num_layers - 1:
-                self.steps.append(self._current / num_layers)
+            self._current = value if self._count == 0 else self._current + value
+            self._count += 1
         return hook
 
+    def _close_step(self, module, args, output):
+        if self._count:
+            self.steps.append(self._current / self._count)
+        self._current, self._count = None, 0
 
     def remove(self):
         for handle in self._handles:

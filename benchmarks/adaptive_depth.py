@@ -185,7 +185,7 @@ def main():
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--min_layers", type=int, default=2)
     parser.add_argument("--loss_scale", type=float, default=1.0, help="adaptive_depth.loss_scale of 'layerskip'")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--vocab_size", type=int, default=1024)

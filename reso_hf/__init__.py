@@ -7,6 +7,7 @@ PEFT method.
 __version__ = "0.1.0"
 
 from .modeling import (
+    AdaptiveDepthConfig,
     AgencyConfig,
     EntanglementConfig,
     GroupAttentionConfig,

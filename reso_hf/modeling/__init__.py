@@ -1,6 +1,7 @@
 """The self-contained wing: everything a checkpoint needs to load with trust_remote_code=True."""
 
 from .configuration_reso_llm import (
+    AdaptiveDepthConfig,
     AgencyConfig,
     EntanglementConfig,
     GroupAttentionConfig,

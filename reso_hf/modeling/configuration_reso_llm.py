@@ -211,6 +211,28 @@ class GroupAttentionConfig(_SubConfig):
             _check(ok, "group_attention.primes", self.primes, allowed)
 
 
+EXIT_LOSS_WEIGHTS = ("layerskip", "uniform")
+
+
+@dataclass
+class AdaptiveDepthConfig(_SubConfig):
+    """Entropy-based early exit per token and the per-layer losses that train for it (README "Adaptive depth").
+
+    In evaluation mode, after decoder layer l (1-based) with min_layers <= l < num_hidden_layers, a token whose
+    next-token distribution softmax(lm_head(norm(h_l))) has entropy below the threshold exits: its state is frozen,
+    its logits are those, and the later layers compute only its keys and values, from the frozen state (CALM)."""
+
+    _name = "adaptive_depth"
+    enabled: bool = _flag(False, "Exit early by default (threshold `entropy_threshold`); `generate(..., "
+                                 "exit_entropy_threshold=...)` and `forward` override the threshold either way.")
+    min_layers: int = _count(2, "The first layer after which a token may exit (1-based); < num_hidden_layers.")
+    entropy_threshold: float = _number(0.0, 0.0, 1e6, "Entropy (nats) below which a token exits; 0 = never.")
+    loss_scale: float = _number(0.0, 0.0, 1e6, "LayerSkip e_scale of the per-layer early-exit losses in training; "
+                                               "0 trains the last layer only (the plain LM loss).")
+    loss_weights: str = _choice("layerskip", EXIT_LOSS_WEIGHTS, "Shape of the per-layer loss weights: 'layerskip' "
+                                "(quadratic in depth, Elhoushi et al. 2024) or 'uniform'.")
+
+
 # Tensor parallelism of the resonant parts, beside Llama's plan for the attention and MLP projections: the Kuramoto
 # phase projection and per-head coupling are split by key/value head like `k_proj` (the module then runs on its local
 # shards), and the goal/memory prefix projections like `k_proj`/`v_proj`. The prime code, coherence gates and concept
@@ -231,6 +253,9 @@ SUB_CONFIGS = {
     "entanglement": EntanglementConfig,
     "stochastic_resonance": StochasticResonanceConfig,
     "group_attention": GroupAttentionConfig,
+
+
+    "adaptive_depth": AdaptiveDepthConfig,
 }
 
 
@@ -256,6 +281,9 @@ class ResoLLMConfig(PretrainedConfig):
       gate there is exactly 1 and trainable (models converted from Llama set it and start there).
     - `source_model` (str): the pretrained model this one was converted from (`from_llama`), or None.
     - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`, `group_attention`:
+
+
+    - `agency`, `prsc`, `temporal_smf`, `stability`, `entanglement`, `stochastic_resonance`, `adaptive_depth`:
       sub-configs (objects or dicts) for the v2 extensions.
     """
 
@@ -311,6 +339,9 @@ class ResoLLMConfig(PretrainedConfig):
         entanglement=None,
         stochastic_resonance=None,
         group_attention=None,
+
+
+        adaptive_depth=None,
         source_model: str | None = None,
         reso_hf_version: str = RESO_HF_VERSION,
         **kwargs,
@@ -406,6 +437,12 @@ class ResoLLMConfig(PretrainedConfig):
         primes = self.group_attention.primes
         _check(primes == "auto" or len(primes) == self.num_attention_heads, "group_attention.primes", primes,
                f"'auto' or one prime per attention head ({self.num_attention_heads} of them)")
+
+
+        depth = self.adaptive_depth
+        _check(not (depth.enabled or depth.loss_scale > 0) or depth.min_layers < self.num_hidden_layers,
+               "adaptive_depth.min_layers", depth.min_layers,
+               f"an int in [1, {self.num_hidden_layers - 1}] (below num_hidden_layers={self.num_hidden_layers})")
 
     def _validate_rope_parameters(self):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

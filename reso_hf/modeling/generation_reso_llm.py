@@ -40,6 +40,8 @@ Definitions (all per generated sequence, one value per generated token):
   from torch's global generator, so ``torch.manual_seed`` / ``transformers.set_seed`` make it
   reproducible). One noise tensor is drawn per step for the whole batch, so a row's noise does not
   depend on which other rows are repeating.
+- **Layers used** (adaptive depth, ``generate(..., exit_entropy_threshold=...)``): the decoder layers the position
+  whose logits produced the token ran before it exited (``num_hidden_layers`` at full depth).
 - **Coherence trace**: with ``config.kuramoto`` the Kuramoto order parameter r of the position whose
   logits produced the token, averaged over layers and key/value heads; without Kuramoto but with
   ``config.coherence_gating``, the mean coherence-gate value of that position over layers; with neither
@@ -505,6 +507,8 @@ class ResoGenerateOutput(GenerateDecoderOnlyOutput):
         by `model.verify_statement` against the memories recalled for them: {"score", "log_likelihood_with",
         "log_likelihood_without", "evidence", "statement_tokens"}; None for a row when the memory is empty, nothing was
         generated, or no tokenizer is attached (then a warning says so); None for every row with the memory off.
+    layers_used (`list[list[int]]`): per generated token, the decoder layers its position ran before exiting
+        (`num_hidden_layers` when it did not exit, or with adaptive depth off; see `AdaptiveDepthConfig`).
     """
 
     stability: list | None = None
@@ -519,39 +523,72 @@ class ResoGenerateOutput(GenerateDecoderOnlyOutput):
     generation_time_ms: list | None = None
     tokens_generated: list | None = None
     fact_verification: list | None = None
+    layers_used: list | None = None
 
 
 TELEMETRY_FIELDS = ("stability", "lyapunov", "entropy_trace", "lyapunov_trace", "temperature_trace",
                     "coherence_trace", "goals_achieved", "attention_summary", "warnings", "generation_time_ms",
-                    "tokens_generated", "fact_verification")
+                    "tokens_generated", "fact_verification", "layers_used")
+
+
+class _DepthRecorder:
+    """A forward hook on the backbone that records, per forward pass, the layers the last position ran."""
+
+    def __init__(self, model):
+        self.steps: list[torch.Tensor] = []
+        self.num_layers = model.config.num_hidden_layers
+        self._handle = model.model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        layers = getattr(output, "exit_layers", None)
+        if layers is None:
+            batch = (output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]).shape[0]
+            layers = torch.full((batch, 1), self.num_layers, dtype=torch.long)
+        self.steps.append(layers[:, -1].detach().cpu())
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        if not self.steps:
+            return [[] for _ in lengths]
+        table = torch.stack(self.steps).T.tolist()
+        return [table[row][:length] for row, length in enumerate(lengths)]
+
+    def remove(self):
+        self._handle.remove()
 
 
 class _CoherenceRecorder:
-    """Forward hooks that record, per forward pass, the mean coherence of the last position (see docstring)."""
+    """Forward hooks that record, per forward pass, the mean coherence of the last position (see docstring): each
+    layer's hook adds its value, and the backbone's hook closes the step with the mean over the layers that ran
+    (all of them, except gates of layers an early exit skipped)."""
 
     def __init__(self, model):
         self.steps: list[torch.Tensor] = []
         self._current = None
+        self._count = 0
         self._handles = []
-        layers = model.model.layers
-        for index, layer in enumerate(layers):
+        for layer in model.model.layers:
             kuramoto = layer.self_attn.kuramoto
             gate = layer.coherence_gate
             if kuramoto is not None:
-                self._handles.append(kuramoto.register_forward_hook(self._hook(index, len(layers), 2, True)))
+                self._handles.append(kuramoto.register_forward_hook(self._hook(2, True)))
             elif gate is not None:
-                self._handles.append(gate.register_forward_hook(self._hook(index, len(layers), 1, False)))
+                self._handles.append(gate.register_forward_hook(self._hook(1, False)))
         self.active = bool(self._handles)  # the network has a coherence signal
+        if self.active:
+            self._handles.append(model.model.register_forward_hook(self._close_step))
 
-    def _hook(self, index, num_layers, output_index, per_head):
+    def _hook(self, output_index, per_head):
         def hook(module, args, output):
             value = output[output_index].detach()
             value = value[:, :, -1].float().mean(dim=1) if per_head else value[:, -1].float()
-            self._current = value if index == 0 else self._current + value
-            if index == num_layers - 1:
-                self.steps.append(self._current / num_layers)
+            self._current = value if self._count == 0 else self._current + value
+            self._count += 1
         return hook
 
+    def _close_step(self, module, args, output):
+        if self._count:
+            self.steps.append(self._current / self._count)
+        self._current, self._count = None, 0
 
     def remove(self):
         for handle in self._handles:
@@ -590,7 +627,8 @@ class ResoLLMGenerationMixin(GenerationMixin):
     """`GenerationMixin` with ResoLLM's stability monitor, stochastic resonance and telemetry.
 
     `generate` accepts two extra keyword arguments: `seed` (int, seeds the stochastic-resonance noise)
-    and `keep_stability_window` (bool, default False: start the entropy window from the previous call's).
+    and `keep_stability_window` (bool, default False: start the entropy window from the previous call's); and
+    `exit_entropy_threshold` (float, adaptive depth), which `forward` takes at every step.
     With both extensions off it is exactly `GenerationMixin.generate`, except that `return_dict_in_generate=True`
     with greedy search or sampling returns `ResoGenerateOutput` (transformers' output plus telemetry); beam search
     then returns transformers' own beam output.
@@ -715,11 +753,13 @@ class ResoLLMGenerationMixin(GenerationMixin):
             criteria.append(monitor.stopping_criterion)
 
         recorder = _CoherenceRecorder(self) if wants_dict else None
+        depth_recorder = _DepthRecorder(self) if wants_dict else None
         try:
             result = super().generate(inputs, generation_config, processors, criteria, **kwargs)
         finally:
             if recorder is not None:
                 recorder.remove()
+                depth_recorder.remove()
         elapsed_ms = (time.perf_counter() - start) * 1000.0
 
         monitor.finalize()
@@ -736,6 +776,7 @@ class ResoLLMGenerationMixin(GenerationMixin):
         goals, summaries = self.goal_telemetry(sequences, prompt_length)
         telemetry = {name: [] for name in TELEMETRY_FIELDS}
         coherence_rows = torch.stack(recorder.steps).T.tolist() if recorder.active and recorder.steps else None
+        telemetry["layers_used"] = depth_recorder.rows(lengths)
         for row, length in enumerate(lengths):
             summary = monitor.row_telemetry(row, length)
             if resonance is not None:

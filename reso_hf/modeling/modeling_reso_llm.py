@@ -46,7 +46,7 @@ from .crystalline import (
     ResoLLMGeometricActivation,
     phi_harmonic_std,
 )
-from .generation_reso_llm import ResoLLMGenerationMixin
+from .generation_reso_llm import ResoLLMGenerationMixin, entropy_of_scores
 from .group_attention import GroupAttentionMask, ResoLLMPrimeSelection, candidate_primes, create_group_attention_mask
 from .primes import first_primes
 from .resonance import (
@@ -77,10 +77,16 @@ class ResoLLMModelOutputWithPast(BaseModelOutputWithPast):
         Coherence gate values per layer, each (batch, seq_len).
     coherence (`tuple(torch.FloatTensor)`, *optional*, returned with `output_coherence=True`):
         Kuramoto order parameter r_t per layer, each (batch, num_key_value_heads, seq_len).
+    exit_layers (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*, with early exit):
+        Decoder layers each token ran (`num_hidden_layers` for a token that did not exit).
+    exit_logits (`torch.FloatTensor` of shape `(batch, seq_len, vocab_size)`, *optional*, with early exit):
+        The head's logits at each token's exit layer (undefined where it did not exit).
     """
 
     gates: tuple[torch.FloatTensor, ...] | None = None
     coherence: tuple[torch.FloatTensor, ...] | None = None
+    exit_layers: torch.LongTensor | None = None
+    exit_logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -88,10 +94,15 @@ class ResoLLMCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     gates (`tuple(torch.FloatTensor)`, *optional*): see `ResoLLMModelOutputWithPast`.
     coherence (`tuple(torch.FloatTensor)`, *optional*): see `ResoLLMModelOutputWithPast`.
+    exit_layers (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): see `ResoLLMModelOutputWithPast`.
+    layer_losses (`torch.FloatTensor` of shape `(num_hidden_layers,)`, *optional*, in training with labels and
+        `adaptive_depth.loss_scale > 0`): the language-model loss of each layer's exit (0 for layers that have none).
     """
 
     gates: tuple[torch.FloatTensor, ...] | None = None
     coherence: tuple[torch.FloatTensor, ...] | None = None
+    exit_layers: torch.LongTensor | None = None
+    layer_losses: torch.FloatTensor | None = None
 
 
 class ResoLLMRMSNorm(LlamaRMSNorm):
@@ -220,12 +231,12 @@ class ResoLLMAttention(nn.Module):
             layer_cache.store_phase_sums(sums)
         return content_cos.unsqueeze(-1), content_sin.unsqueeze(-1)
 
-    def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, segment_starts,
-                past_key_values):
+    def _key_rotation(self, hidden_states, position_embeddings, token_mask, segment_starts, past_key_values):
+        """cos/sin that rotate the keys: the positional ones, completed by the Kuramoto content phase."""
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if self.kuramoto is None:
-            return apply_rotary(query_states, cos, sin), apply_rotary(key_states, cos, sin)
+            return cos, sin
 
         # Complete the positional half-angles with the content phase in the reserved last pair.
         content_cos, content_sin = self._content_phases(hidden_states, token_mask, segment_starts, past_key_values)
@@ -241,12 +252,29 @@ class ResoLLMAttention(nn.Module):
                                         position_sin * content_cos + position_cos * content_sin)
         key_cos = torch.cat([cos, content_cos, cos, content_cos], dim=-1)
         key_sin = torch.cat([sin, content_sin, sin, content_sin], dim=-1)
-        if self.num_key_value_groups == 1:
+        return key_cos, key_sin
+
+    def _rotate(self, query_states, key_states, hidden_states, position_embeddings, token_mask, segment_starts,
+                past_key_values):
+        key_cos, key_sin = self._key_rotation(hidden_states, position_embeddings, token_mask, segment_starts,
+                                              past_key_values)
+        if self.kuramoto is None or self.num_key_value_groups == 1:
             query_cos, query_sin = key_cos, key_sin
         else:
             query_cos = key_cos.repeat_interleave(self.num_key_value_groups, dim=1)
             query_sin = key_sin.repeat_interleave(self.num_key_value_groups, dim=1)
         return apply_rotary(query_states, query_cos, query_sin), apply_rotary(key_states, key_cos, key_sin)
+
+    def cache_key_values(self, hidden_states, position_embeddings, token_mask=None, segment_starts=None,
+                         past_key_values: Cache | None = None) -> None:
+        """Only what later tokens read from this layer: the keys and values of ``hidden_states`` (and the Kuramoto
+        running sums), written to the cache. For tokens that exited before this layer (adaptive depth)."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_cos, key_sin = self._key_rotation(hidden_states, position_embeddings, token_mask, segment_starts,
+                                              past_key_values)
+        past_key_values.update(apply_rotary(key_states, key_cos, key_sin), value_states, self.layer_idx)
 
     def forward(
         self,
@@ -345,6 +373,27 @@ class ResoLLMDecoderLayer(GradientCheckpointingLayer):
         if self.coherence_gate is not None:
             hidden_states, _ = self.coherence_gate(hidden_states)
         return residual + hidden_states
+
+    def cache_key_values(self, hidden_states, position_embeddings, token_mask=None, segment_starts=None,
+                         past_key_values: Cache | None = None, **kwargs) -> None:
+        """The keys and values this layer would cache for ``hidden_states``, without its attention or MLP: a skipped
+        layer of tokens that exited earlier (adaptive depth, CALM's state propagation)."""
+        self.self_attn.cache_key_values(self.input_layernorm(hidden_states), position_embeddings, token_mask,
+                                        segment_starts, past_key_values)
+
+
+def early_exit_loss_weights(num_layers: int, min_layers: int, scale: float, shape: str = "layerskip") -> list[float]:
+    """Normalised weights w_1..w_L (sum 1) of the per-layer losses (README "Adaptive depth"). Layers a token may exit
+    after (min_layers <= l < L) get e_l = scale * l(l-1)/2 ("layerskip": LayerSkip's e_scale * sum_{i<l} i with
+    1-based l) or e_l = scale ("uniform"); the last layer e_L = (L-1) + scale * (L-1)(L-2)/2 ("layerskip") or 1;
+    others 0. w_l = e_l / sum_k e_k."""
+    raw = [0.0] * num_layers
+    for depth in range(min_layers, num_layers):
+        raw[depth - 1] = scale * (depth * (depth - 1) / 2 if shape == "layerskip" else 1.0)
+    last = num_layers - 1
+    raw[-1] = last + scale * last * (last - 1) / 2 if shape == "layerskip" else 1.0
+    total = sum(raw)
+    return [value / total for value in raw]
 
 
 def uses_prefix_slots(config: ResoLLMConfig) -> bool:
@@ -695,6 +744,8 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
         prefix_states: torch.Tensor | None = None,
         prefix_visible: torch.Tensor | None = None,
         bound_concepts: tuple[torch.Tensor, torch.Tensor] | None = None,
+        exit_entropy_threshold: float | None = None,
+        exit_head: nn.Module | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ResoLLMModelOutputWithPast:
         r"""
@@ -704,6 +755,12 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
             Which prefix slots each row may see (default: all).
         bound_concepts (`tuple(keys, values)`, *optional*):
             Extra PRSC concept slots (the user's bindings), appended to the learned bank.
+        exit_entropy_threshold (`float`, *optional*):
+            Adaptive depth: entropy (nats) below which a token exits (default: `adaptive_depth.entropy_threshold` when
+            `adaptive_depth.enabled`, else no exit; 0 never exits). Evaluation mode only; needs `exit_head`.
+        exit_head (`nn.Module`, *optional*):
+            The LM head that turns each normed intermediate state into the exit distribution; without it (the bare
+            backbone) every layer runs.
         """
         past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -764,20 +821,67 @@ class ResoLLMModel(ResoLLMPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        layer_arguments = dict(position_embeddings=position_embeddings, attention_mask=causal_mask,
+                               token_mask=token_mask, segment_starts=segment_starts, prefix_states=prefix_states,
+                               past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        if exit_head is None and exit_entropy_threshold is not None:
+            raise ValueError("exit_entropy_threshold needs the LM head (exit_head=...): use ResoLLMForCausalLM")
+        threshold = self.exit_threshold(exit_entropy_threshold) if exit_head is not None else None
+        if threshold is not None:
+            return self._adaptive_depth(hidden_states, layer_arguments, threshold, exit_head)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=causal_mask,
-                token_mask=token_mask,
-                segment_starts=segment_starts,
-                prefix_states=prefix_states,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                **kwargs,
-            )
+            hidden_states = decoder_layer(hidden_states, **layer_arguments)
         hidden_states = self.norm(hidden_states)
         return ResoLLMModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def exit_threshold(self, requested: float | None) -> float | None:
+        """The entropy threshold of early exit for this forward pass, or None for full depth: `requested`, else the
+        config's when `adaptive_depth.enabled` (evaluation mode only); 0 means full depth."""
+        depth = self.config.adaptive_depth
+        if requested is None:
+            if not depth.enabled or self.training:
+                return None
+            requested = depth.entropy_threshold
+        elif isinstance(requested, bool) or not isinstance(requested, (int, float)) or not requested >= 0:
+            raise ValueError(f"exit_entropy_threshold={requested!r} is invalid: expected a number >= 0 (float('inf') "
+                             "exits every token at adaptive_depth.min_layers; 0 never exits)")
+        elif requested > 0 and self.training:
+            raise ValueError("exit_entropy_threshold: early exit runs in evaluation mode only (call model.eval()); "
+                             "training runs every layer and learns the exits through adaptive_depth.loss_scale")
+        return float(requested) if requested > 0 else None
+
+    def _adaptive_depth(self, hidden_states, layer_arguments: dict, threshold: float, exit_head: nn.Module):
+        """The decoder stack with entropy-based early exit per token (see `AdaptiveDepthConfig`).
+
+        A token that exits after layer l keeps its state h_l; every later layer still writes its keys and values,
+        computed from h_l, so later tokens see the same cache whether earlier ones ran one at a time or together.
+        While some token of the pass is still running, a layer runs on all of them (the exited ones' outputs are
+        discarded); once all have exited, the remaining layers compute only keys and values (with a cache) or
+        nothing (without), which is where decoding saves compute."""
+        num_layers = self.config.num_hidden_layers
+        min_layers = self.config.adaptive_depth.min_layers
+        past_key_values = layer_arguments["past_key_values"]
+        exited = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        exit_layers = torch.full(hidden_states.shape[:2], num_layers, dtype=torch.long, device=hidden_states.device)
+        exit_logits = None
+        for depth, decoder_layer in enumerate(self.layers[:num_layers], start=1):
+            if exit_logits is not None and bool(exited.all()):
+                if past_key_values is None:
+                    break
+                decoder_layer.cache_key_values(hidden_states, **layer_arguments)
+                continue
+            output = decoder_layer(hidden_states, **layer_arguments)
+            hidden_states = output if exit_logits is None else torch.where(exited[..., None], hidden_states, output)
+            if min_layers <= depth < num_layers:
+                logits = exit_head(self.norm(hidden_states))
+                leaving = (entropy_of_scores(logits) < threshold) & ~exited
+                if bool(leaving.any()):
+                    exit_logits = logits if exit_logits is None else torch.where(leaving[..., None], logits,
+                                                                                 exit_logits)
+                    exit_layers = exit_layers.masked_fill(leaving, depth)
+                    exited = exited | leaving
+        return ResoLLMModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values,
+                                          exit_layers=exit_layers, exit_logits=exit_logits)
 
 
 class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
@@ -1137,9 +1241,18 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        exit_entropy_threshold: float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ResoLLMCausalLMOutputWithPast:
+        r"""
+        exit_entropy_threshold (`float`, *optional*):
+            Adaptive depth (evaluation mode): a token exits after the first layer l >= `adaptive_depth.min_layers`
+            whose distribution softmax(lm_head(norm(h_l))) has entropy below this (nats); its logits are those.
+            Default: `adaptive_depth.entropy_threshold` when `adaptive_depth.enabled`, else full depth; 0 is full
+            depth. `generate(..., exit_entropy_threshold=...)` passes it to every step.
+        """
         past_key_values = _cache_argument(past_key_values, kwargs)
+        exit_losses = labels is not None and self.training and self.config.adaptive_depth.loss_scale > 0
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         prefix_states, prefix_visible = self._prefix_inputs(input_ids, attention_mask, labels, batch_size)
         if self.config.temporal_smf.enabled and not self.training and past_key_values is not None:
@@ -1155,15 +1268,27 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
             prefix_states=prefix_states,
             prefix_visible=prefix_visible,
             bound_concepts=self._bound_concepts(),
-            **kwargs,
+            exit_entropy_threshold=exit_entropy_threshold,
+            exit_head=self.lm_head,
+            **({**kwargs, "output_hidden_states": True} if exit_losses else kwargs),
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if outputs.exit_logits is None:
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+        else:  # the exited tokens' logits were computed at their exit layer
+            exited = (outputs.exit_layers < self.config.num_hidden_layers)[:, slice_indices, None]
+            logits = outputs.exit_logits[:, slice_indices]
+            if not bool(exited.all()):
+                logits = torch.where(exited, logits, self.lm_head(hidden_states[:, slice_indices, :]))
 
-        loss = None
+        loss = layer_losses = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if exit_losses:
+                loss, layer_losses = self._early_exit_loss(outputs.hidden_states, loss, labels, **kwargs)
+                if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
+                    outputs.hidden_states = None
 
         return ResoLLMCausalLMOutputWithPast(
             loss=loss,
@@ -1173,7 +1298,28 @@ class ResoLLMForCausalLM(ResoLLMPreTrainedModel, ResoLLMGenerationMixin):
             attentions=outputs.attentions,
             gates=outputs.gates,
             coherence=outputs.coherence,
+            exit_layers=outputs.exit_layers,
+            layer_losses=layer_losses,
         )
+
+    def _early_exit_loss(self, hidden_states, final_loss, labels, **kwargs):
+        """LayerSkip's training loss: sum_l w_l * loss_l with the weights of `early_exit_loss_weights`, where loss_l
+        is the LM loss of lm_head(norm(h_l)) (h_l the output of layer l) and loss_L the plain one. Returns (the
+        weighted loss, the (L,) per-layer losses, 0 where w_l = 0)."""
+        config = self.config
+        weights = early_exit_loss_weights(config.num_hidden_layers, config.adaptive_depth.min_layers,
+                                          config.adaptive_depth.loss_scale, config.adaptive_depth.loss_weights)
+        zero = final_loss.new_zeros(())
+        losses = []
+        for depth, weight in enumerate(weights[:-1], start=1):
+            if weight == 0:
+                losses.append(zero)
+                continue
+            logits = self.lm_head(self.model.norm(hidden_states[depth]))  # hidden_states[0] is the embedding output
+            losses.append(self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs))
+        layer_losses = torch.stack([*losses, final_loss])
+        weighted = sum(weight * loss for weight, loss in zip(weights, layer_losses.unbind()) if weight > 0)
+        return weighted, layer_losses.detach()
 
 
 # The generic task heads, as for Llama. Their backbone is built here rather than by the generic

@@ -160,6 +160,9 @@ class SftArguments:
     resume: bool = field(default=False, metadata={"help": "Resume exactly from the last complete checkpoint in output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace the run already in output_dir (its checkpoints, adapter/ or model/ and reports) by a new one."})
+    early_exit_loss_scale: Optional[float] = field(default=None, metadata={
+        "help": "Train a ResoLLM base with the LayerSkip per-layer early-exit losses of this scale (sets "
+                "adaptive_depth.loss_scale; 0 turns them off); default: the base's own setting. README 'Adaptive depth'."})
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
@@ -172,6 +175,11 @@ class SftArguments:
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
                 raise ArgumentError(f"resonant_learning_rate must be a finite number > 0, got {rate!r}",
                                     "resonant_learning_rate")
+        scale = self.early_exit_loss_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0
+                                  or scale == float("inf")):
+            raise ArgumentError(f"early_exit_loss_scale must be a finite number >= 0, got {scale!r}",
+                                "early_exit_loss_scale")
 
     def trains_adapter(self) -> bool:
         """Whether the run trains a DynamicLoRA adapter (saved to adapter/) rather than the model (model/)."""

@@ -23,6 +23,7 @@ Also written to `output_dir`: `checkpoint-N/` (atomic, with the dynamics state),
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from ..conversion import resonant_parameter_names
 from ..dynamic_lora import DynamicLoraCallback, DynamicLoraConfig, find_dynamic_lora_tuner
 from ..dynamic_lora.serialization import atomic_write_bytes
 from ..loading import ModelSource, load_causal_lm, load_tokenizer, resolve_model_source
-from .arguments import DataArguments, SftArguments, json_mapping, parse_recipe
+from .arguments import ArgumentError, DataArguments, SftArguments, json_mapping, parse_recipe
 from .data import build_datasets, check_vocabulary
 from .fim import add_fim_tokens
 from ..hub import write_card
@@ -190,6 +191,18 @@ def write_dynamics_plot(log_history: list[dict], path: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def set_early_exit_loss_scale(base, scale: float) -> None:
+    """`--early_exit_loss_scale`: the base's `adaptive_depth.loss_scale` (validated with the rest of its config)."""
+    if getattr(base.config, "model_type", None) != "reso_llm":
+        raise ArgumentError(f"early_exit_loss_scale needs a ResoLLM base (the per-layer exits are ResoLLM's), got "
+                            f"model_type {getattr(base.config, 'model_type', None)!r}", "early_exit_loss_scale")
+    depth = dataclasses.replace(base.config.adaptive_depth, loss_scale=float(scale))
+    if scale > 0 and depth.min_layers >= base.config.num_hidden_layers:
+        raise ArgumentError(f"early_exit_loss_scale: adaptive_depth.min_layers={depth.min_layers} leaves no layer to "
+                            f"exit from in {base.config.num_hidden_layers} layers", "early_exit_loss_scale")
+    base.config.adaptive_depth = depth
+
+
 def run(sft_args: SftArguments, data_args: DataArguments, training_args: TrainingArguments,
         quiet: bool = False) -> dict:
     """quiet: no progress bar and no printed log lines (the demo prints its own summary)."""
@@ -208,6 +221,8 @@ def run(sft_args: SftArguments, data_args: DataArguments, training_args: Trainin
         logger.warning("--train %s trains no adapter: the dynamic_lora settings are not used", sft_args.train)
     set_seed(training_args.seed)
     base, tokenizer = load_base(source, sft_args)
+    if sft_args.early_exit_loss_scale is not None:
+        set_early_exit_loss_scale(base, sft_args.early_exit_loss_scale)
     if sft_args.trains_resonant():
         resonant_modules(base, sft_args)  # a ResoLLM with every component off has nothing to train
     if data_args.fim_rate > 0:

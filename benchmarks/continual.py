@@ -37,8 +37,9 @@ option dynamic_decay_inertia (decay_follows_inertia=True: each tier's decay scal
 setting dynamic_migration_unthrottled (migration bandwidth 1.0 on every channel: consolidation not rate-limited).
 Consolidation (issue 20, --methods dynamic_consolidate...): dynamic_on plus model.base_model.consolidate() after
 every task but the last; _column / _row / _both add protected subspaces, _ewc importance damping (lambda 1), _m1 one
-memory tier instead of two, _horizon budget-scaled windows (dynamics_horizon = --steps); dynamic_horizon is the
-last without consolidation (docs/dynamic_lora.md).
+memory tier instead of two, _horizon budget-scaled windows (dynamics_horizon = --steps), _m1_fast / _m1_half one
+memory tier with the fast tiers at base inertia 0 / half their default; dynamic_horizon is the _horizon setting
+without consolidation (docs/dynamic_lora.md).
 --split dev evaluates on a development part carved out of each train part instead of the held-out part: the
 mechanism changes were chosen on dev runs, and the held-out parts only ever produce the reported numbers.
 
@@ -104,6 +105,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -159,6 +161,12 @@ CONSOLIDATING_VARIANTS = {
     "dynamic_consolidate_ewc": {"importance_damping": 1.0},
     "dynamic_consolidate_m1": {"consolidation_memory_tiers": 1},
     "dynamic_consolidate_horizon": {"dynamics_horizon": "steps"},
+    # after a consolidation the memory tier holds the earlier tasks, so the fast tiers need not be slow as well:
+    # _fast gives every fast tier base inertia 0 (plain Adam steps), _half halves their base inertia
+    "dynamic_consolidate_m1_fast": {"consolidation_memory_tiers": 1,
+                                    "tier_inertia": {"domain": 0.0, "swarm": 0.0, "agent": 0.0, "context": 0.0}},
+    "dynamic_consolidate_m1_half": {"consolidation_memory_tiers": 1,
+                                    "tier_inertia": {"domain": 0.45, "swarm": 0.35, "agent": 0.25, "context": 0.05}},
 }
 DYNAMIC_VARIANTS.update(CONSOLIDATING_VARIANTS)
 # budget-scaled dynamics without consolidation: windows, bandwidths and resonance EMA from the per-task budget
@@ -295,8 +303,20 @@ def build_tasks(args, tokenizer) -> tuple[list[dict], dict]:
     for task in tasks:
         if not task["train"] or not task["held_out"]:
             raise ValueError(f"task {task['name']} has an empty train or held-out part")
+    tasks = ordered(tasks, args.task_order)
     info["tasks"] = {t["name"]: {"train": len(t["train"]), "held_out_evaluated": len(t["held_out"])} for t in tasks}
     return tasks, info
+
+
+def ordered(tasks: list[dict], order: Optional[list[str]]) -> list[dict]:
+    """The tasks in --task-order (a permutation of their names), or as built when no order is given."""
+    if not order:
+        return tasks
+    by_name = {task["name"]: task for task in tasks}
+    if sorted(order) != sorted(by_name):
+        raise ValueError(f"--task-order must name each task exactly once, in any order; the tasks are "
+                         f"{list(by_name)}, got {list(order)}")
+    return [by_name[name] for name in order]
 
 
 def collate(docs: list[tuple[list, list]], pad_id: int) -> dict:
@@ -887,6 +907,9 @@ def parse_args(argv=None):
                         help="take finished methods from earlier JSON reports with the same settings")
     parser.add_argument("--no-shakespeare", dest="shakespeare", action="store_false")
     parser.add_argument("--shakespeare-lines", type=int, default=12)
+    parser.add_argument("--task-order", nargs="+", default=None,
+                        help="the tasks in another order (each name once), e.g. shakespeare other russian spanish "
+                             "english; default: english spanish russian other shakespeare")
     parser.add_argument("--chat-template", default="auto", choices=["auto", "model", "guanaco"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -908,7 +931,7 @@ def parse_args(argv=None):
 
 # settings that change the measured numbers: results of two runs can be combined only when these agree
 FINGERPRINT = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "eval_batch", "held_out_fraction",
-               "lr", "tiers", "autocorr_window", "shakespeare", "shakespeare_lines", "chat_template", "seed"]
+               "lr", "tiers", "autocorr_window", "shakespeare", "shakespeare_lines", "chat_template", "seed", "task_order"]
 METHOD_SETTINGS = {"lora_low_lr": ["low_lr_scale"], "full_ft": ["full_ft_lr"]}
 METHOD_SETTINGS.update({"olora": ["olora_lambda"], "ewc_lora": ["ewc_lambda", "ewc_fisher_examples"],
                         "replay": ["replay_fraction", "replay_share"]})

@@ -101,6 +101,23 @@ def test_every_dynamic_variant_builds_a_valid_config():
     assert horizon.dynamics_horizon == 16 and horizon.effective_autocorr_window == 3
     assert continual.dynamic_config(args, "dynamic_consolidate_column").protected_subspace == "column"
     assert set(continual.CONSOLIDATING_VARIANTS) <= set(continual.ALL_METHODS)
+    fast = continual.dynamic_config(args, "dynamic_consolidate_m1_fast")
+    assert fast.memory_tiers == ["foundation"]
+    assert fast.inertia_of("foundation") == 0.99 and [fast.inertia_of(t) for t in fast.fast_tiers] == [0.0] * 4
+
+
+def test_task_order_permutes_the_tasks_and_rejects_anything_but_a_permutation():
+    tasks = [{"name": name} for name in ("english", "spanish", "russian", "other", "shakespeare")]
+    assert continual.ordered(tasks, None) == tasks
+    order = ["shakespeare", "other", "russian", "spanish", "english"]
+    assert [t["name"] for t in continual.ordered(tasks, order)] == order
+    with pytest.raises(ValueError, match=r"--task-order must name each task exactly once.*got \['english', 'english'"):
+        continual.ordered(tasks, ["english", "english", "russian", "other", "shakespeare"])
+    with pytest.raises(ValueError, match=r"the tasks are \['english', 'spanish', 'russian', 'other', 'shakespeare'\]"):
+        continual.ordered(tasks, ["english"])
+    # runs without an order combine with earlier results, which did not record one
+    assert "task_order" in continual.FINGERPRINT
+    assert continual.fingerprint({}, "plain_lora")["task_order"] is None
 
 
 def test_trade_off_plot_tells_every_method_apart(tmp_path):

@@ -13,6 +13,8 @@ import textwrap
 import venv
 from pathlib import Path
 
+import torch
+
 _PROOF = (
     "import importlib.util, sys\n"
     "assert importlib.util.find_spec('reso_hf') is None, 'reso_hf is importable in the isolated env'\n"
@@ -40,8 +42,11 @@ def run_without_reso_hf(code: str, root: Path, timeout: int = 300) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(root / "hf_modules")
+    # the child computes with as many intra-op threads as this process: a float32 reduction split over another
+    # number of threads sums in another order, and the tests compare logits bit for bit
+    threads = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
     proc = subprocess.run(
-        [str(python), "-c", _PROOF + textwrap.dedent(code)],
+        [str(python), "-c", _PROOF + threads + textwrap.dedent(code)],
         cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != 0:

@@ -141,6 +141,10 @@ class DynamicLoraLayer(BaseTunerLayer):
         delta = factor_b @ (scale[:, None] * factor_a)
         return delta.T if self.weight_is_transposed else delta
 
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        # PEFT >= 0.22 builds convert_to_lora (and other delta-based tools) on this hook: DynamicLoRA is additive
+        return self.get_delta_weight(adapter_name)
+
     def unfused_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """sum_t s_t B_t A_t x computed tier by tier: the reference that the fused forward must equal."""
         total = None

@@ -71,7 +71,9 @@ s = i + 1 after training task i). With T tasks:
   adaptation   = per task, the first step at which the EMA of the training loss has covered 95% of its total
                  drop (first to final value); reported as the mean over tasks (fewer = faster).
 The issue's goal: forgetting(dynamic_on) <= 0.5 x forgetting(plain_lora) with final new-task loss within 5% of
-plain_lora's, and retention > 80%.
+plain_lora's, and retention > 80%. Issue 20's goal ("goal_consolidation" in the JSON, for the consolidating methods
+present): forgetting <= 0.5 x plain_lora's and <= every baseline's present (lora_merge, olora, ewc_lora, replay,
+full_ft), new-task gain >= 0.95 x plain_lora's, retention > 0.8.
 
     python benchmarks/continual.py                  # default size, about 50 min on 2 CPU cores
     python benchmarks/continual.py --quick          # a few minutes: indicative only
@@ -844,6 +846,36 @@ def goal_check(results: dict) -> dict:
     }
 
 
+CONTINUAL_BASELINES = ["lora_merge", "olora", "ewc_lora", "replay", "full_ft"]
+
+
+def consolidation_goal(results: dict) -> dict:
+    """Issue 20's goal for each consolidating method in `results`, against plain_lora and the baselines present."""
+    if "plain_lora" not in results:
+        return {"evaluated": False}
+    plain = results["plain_lora"]
+    baselines = {name: results[name]["avg_forgetting"] for name in CONTINUAL_BASELINES if name in results}
+    checks = {}
+    for name in (m for m in results if m in CONSOLIDATING_VARIANTS):
+        method = results[name]
+        forgetting_ratio = method["avg_forgetting"] / plain["avg_forgetting"] if plain["avg_forgetting"] > 0 else math.nan
+        gain_ratio = method["new_task_gain"] / plain["new_task_gain"] if plain["new_task_gain"] > 0 else math.nan
+        beaten_by = sorted(b for b, forgetting in baselines.items() if forgetting < method["avg_forgetting"])
+        parts = {
+            "forgetting_ratio_vs_plain": forgetting_ratio,
+            "forgetting_ratio_ok": math.isfinite(forgetting_ratio) and forgetting_ratio <= 0.5,
+            "baselines_compared": sorted(baselines),
+            "baselines_forgetting_less": beaten_by,
+            "gain_ratio_vs_plain": gain_ratio,
+            "gain_ok": math.isfinite(gain_ratio) and gain_ratio >= 0.95,
+            "retention": method["retention"],
+            "retention_ok": method["retention"] > 0.8,
+        }
+        parts["met"] = bool(parts["forgetting_ratio_ok"] and not beaten_by and parts["gain_ok"] and parts["retention_ok"])
+        checks[name] = parts
+    return {"evaluated": bool(checks), **checks}
+
+
 def table(results: dict) -> str:
     headers = ["method", "trainable params", "avg forgetting", "BWT", "FWT", "retention", "final avg loss",
                "final new-task loss", "new-task gain", "adapt. steps", "wall s"]
@@ -966,7 +998,7 @@ def write_report(args, description: str, data_info: dict, names: list[str], resu
         "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
         "settings": settings, "data": data_info, "tasks": names, "total_rank": total_rank,
         "metric_definitions": __doc__.split("Metrics:")[1].split("The issue's goal")[0].strip(),
-        "results": results, "goal": goal_check(results),
+        "results": results, "goal": goal_check(results), "goal_consolidation": consolidation_goal(results),
     }
     atomic_write(with_ending(args.out, ".json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8"))
@@ -993,11 +1025,13 @@ def main(argv=None) -> dict:
         for result in report["results"].values():  # metrics are recomputed from the stored matrices
             result.update(summarise(result["matrix"], result["adaptation_steps"]))
         report["goal"] = goal_check(report["results"])
+        report["goal_consolidation"] = consolidation_goal(report["results"])
         atomic_write(args.replot, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=True),
                                                                    encoding="utf-8"))
         write_plots(report, args.replot.with_suffix(""))
         print(table(report["results"]))
         print(f"\ngoal: {json.dumps(report['goal'])}")
+        print(f"goal (issue 20, consolidating methods): {json.dumps(report['goal_consolidation'])}")
         return report
     base, description, pad_id, tasks, data_info = prepare(args)
     names = [t["name"] for t in tasks]
@@ -1026,6 +1060,7 @@ def main(argv=None) -> dict:
     print(f"\n### Continual learning, {label}, {args.split} split\n")
     print(table(results))
     print(f"\ngoal: {json.dumps(report['goal'])}")
+    print(f"goal (issue 20, consolidating methods): {json.dumps(report['goal_consolidation'])}")
     print(f"wrote {with_ending(args.out, '.json')}")
     return report
 

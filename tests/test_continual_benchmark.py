@@ -368,3 +368,23 @@ def test_an_output_stem_with_a_dot_keeps_its_whole_name():
 
     assert with_ending(Path("results/continual_lr1.5e-4"), ".json") == Path("results/continual_lr1.5e-4.json")
     assert with_ending(Path("results/continual"), ".png") == Path("results/continual.png")
+
+
+def test_consolidation_goal_checks_every_part_against_plain_lora_and_the_baselines_present():
+    def row(forgetting, gain, retention=0.9):
+        return {"avg_forgetting": forgetting, "new_task_gain": gain, "retention": retention}
+
+    results = {"plain_lora": row(0.068, 0.315), "lora_merge": row(0.012, 0.271), "ewc_lora": row(0.018, 0.283),
+               "dynamic_on": row(0.036, 0.279), "dynamic_consolidate_m1_half": row(0.017, 0.300, 0.98),
+               "dynamic_consolidate": row(0.0066, 0.215, 1.14)}
+    goal = continual.consolidation_goal(results)
+    assert set(goal) == {"evaluated", "dynamic_consolidate_m1_half", "dynamic_consolidate"}  # dynamic_on is not one
+    half = goal["dynamic_consolidate_m1_half"]
+    assert half["forgetting_ratio_ok"] and half["gain_ok"] and half["retention_ok"]
+    assert half["baselines_compared"] == ["ewc_lora", "lora_merge"] and half["baselines_forgetting_less"] == ["lora_merge"]
+    assert not half["met"]
+    low_gain = goal["dynamic_consolidate"]
+    assert low_gain["baselines_forgetting_less"] == [] and not low_gain["gain_ok"] and not low_gain["met"]
+    results["dynamic_consolidate_m1_half"] = row(0.011, 0.300, 0.98)
+    assert continual.consolidation_goal(results)["dynamic_consolidate_m1_half"]["met"]
+    assert continual.consolidation_goal({"lora_merge": row(0.01, 0.3)}) == {"evaluated": False}

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
 from continual import ATTENTION, COMPACT_RANKS, DEFAULT_DATA, atomic_write, collate, held_out_loss, split  # noqa: E402
 from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table, with_ending  # noqa: E402
-from reso_hf.conversion import convert_from_llama, resonant_parameter_names  # noqa: E402
+from reso_hf.conversion import RESONANT_COMPONENTS, convert_from_llama, resonant_parameter_names, start_at_identity  # noqa: E402
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
     parse_guanaco,
@@ -76,7 +76,7 @@ VARIANTS = ["lora_match_resonant", "lora_match_dynamic", "full_smollm2", *RESONA
 COMPARISONS = {"resonant_all": "lora_match_resonant", "resonant_dynamic": "lora_match_dynamic",
                "full_resollm": "full_smollm2"}
 GOAL_RATIO = 0.99
-RESONANT_KINDS = ("prime_code", "kuramoto", "coherence_gate")
+RESONANT_KINDS = RESONANT_COMPONENTS
 
 
 def build_data(args, tokenizer) -> tuple[list, list]:
@@ -156,6 +156,103 @@ def resonant_statistics(model) -> dict:
     return {kind: math.sqrt(value) for kind, value in stats.items()}
 
 
+class _Totals:
+    """Sums over the evaluated (non-padding) tokens, one list entry per layer."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, key: str, layer: int, value: torch.Tensor, mask: torch.Tensor) -> None:
+        per_layer = self.values.setdefault(key, {})
+        total, count = per_layer.get(layer, (0.0, 0.0))
+        per_layer[layer] = (total + float((value.float() * mask).sum()), count + float(mask.sum()))
+
+    def means(self) -> dict:
+        return {key: [total / max(count, 1.0) for _, (total, count) in sorted(per_layer.items())]
+                for key, per_layer in self.values.items()}
+
+
+@torch.no_grad()
+def component_statistics(model, docs, pad_id: int, batch: int) -> dict:
+    """What the trained resonant components do on the evaluated tokens, per layer (real tokens only).
+
+    coherence_gate: mean gate g, share of tokens with g < 0.9 (the identity is g = 1 everywhere);
+    kuramoto: mean order parameter r of the running mean field (1 at the identity, where every phase is 0) and
+    the RMS of the coupled content phase that turns the reserved rotary pair (0 at the identity);
+    prime_code: RMS of the prime-code term relative to the token embedding's (0 at the identity)."""
+    from reso_hf.modeling.resonance import ResoLLMCoherenceGate, ResoLLMKuramoto, ResoLLMPrimeCode
+
+    totals, current = _Totals(), {}
+
+    def on_gate(layer):
+        def hook(module, inputs, output):
+            gate, mask = output[1], current["mask"]
+            totals.add("gate_mean", layer, gate, mask)
+            totals.add("gate_below_0.9", layer, (gate < 0.9).float(), mask)
+        return hook
+
+    def on_kuramoto(layer):
+        def hook(module, inputs, output):
+            content_cos, content_sin, order, _ = output
+            mask = current["mask"][:, None, :].expand_as(order)
+            totals.add("coherence_r", layer, order, mask)
+            totals.add("phase_ms", layer, torch.atan2(content_sin, content_cos).square(), mask)
+        return hook
+
+    def on_prime(module, inputs, output):
+        embedding = model.get_input_embeddings().weight[inputs[0]]
+        mask = current["mask"]
+        totals.add("prime_ms", 0, output.square().sum(-1), mask)
+        totals.add("embedding_ms", 0, embedding.square().sum(-1), mask)
+
+    handles, gate_layer, kuramoto_layer = [], 0, 0
+    for module in model.modules():
+        if isinstance(module, ResoLLMCoherenceGate):
+            handles.append(module.register_forward_hook(on_gate(gate_layer)))
+            gate_layer += 1
+        elif isinstance(module, ResoLLMKuramoto):
+            handles.append(module.register_forward_hook(on_kuramoto(kuramoto_layer)))
+            kuramoto_layer += 1
+        elif isinstance(module, ResoLLMPrimeCode):
+            handles.append(module.register_forward_hook(on_prime))
+    model.eval()
+    try:
+        for i in range(0, len(docs), batch):
+            inputs = collate(docs[i:i + batch], pad_id)
+            current["mask"] = inputs["attention_mask"].float()
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train()
+    means = totals.means()
+    stats = {}
+    if "gate_mean" in means:
+        stats["coherence_gate"] = {"gate_mean": means["gate_mean"], "share_below_0.9": means["gate_below_0.9"]}
+    if "coherence_r" in means:
+        stats["kuramoto"] = {"order_r": means["coherence_r"],
+                             "phase_rms": [math.sqrt(v) for v in means["phase_ms"]]}
+    if "prime_ms" in means:
+        stats["prime_code"] = {"relative_rms": math.sqrt(means["prime_ms"][0] / means["embedding_ms"][0])}
+    return stats
+
+
+def knockout_losses(model, docs, pad_id: int, batch: int) -> dict:
+    """Held-out loss with each trained resonant component put back at its identity, the others kept: how much
+    that component, as trained, helps (loss goes up when removed) or hurts (loss goes down)."""
+    backbone = model.base_model.model if hasattr(model, "peft_config") else model
+    kinds = [kind for kind in RESONANT_KINDS if any(f".{kind}." in f".{name}" for name, _ in backbone.named_parameters())]
+    losses = {}
+    for kind in kinds:
+        saved = {name: p.detach().clone() for name, p in backbone.named_parameters() if f".{kind}." in f".{name}"}
+        start_at_identity(backbone, [kind])
+        losses[kind] = held_out_loss(model, docs, pad_id, batch)
+        with torch.no_grad():
+            for name, value in saved.items():
+                backbone.get_parameter(name).copy_(value)
+    return losses
+
+
 def parameter_groups(model, variant: str, lr: float, args) -> list[dict]:
     """One AdamW group, except resonant_dynamic with --resonant-dynamic-lr: the resonant parameters at that rate
     (what `reso-hf sft --resonant_learning_rate` does), the adapter at --lr."""
@@ -197,7 +294,15 @@ def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ra
     return {"variant": variant, "seed": seed, "trainable_params": sum(p.numel() for p in parameters), "lr": lr,
             "group_lrs": [group["lr"] for group in optimizer.param_groups],
             "loss_before": before, "loss_after": after, "train_losses": losses, "train_seconds": seconds,
-            "resonant_norms": resonant_statistics(model)}
+            "resonant_norms": resonant_statistics(model), **diagnostics(model, eval_docs, args, pad_id)}
+
+
+def diagnostics(model, eval_docs, args, pad_id: int) -> dict:
+    """For a model with resonant parts (not the plain SmolLM2 variants): their statistics and knock-out losses."""
+    if not resonant_statistics(model):
+        return {}
+    return {"component_statistics": component_statistics(model, eval_docs, pad_id, args.eval_batch),
+            "knockout_losses": knockout_losses(model, eval_docs, pad_id, args.eval_batch)}
 
 
 def summary(rows: list[dict]) -> dict:

@@ -91,22 +91,31 @@ def convert_from_llama(source, **switches) -> ResoLLMForCausalLM:
     return model.eval()
 
 
-def start_at_identity(model: ResoLLMForCausalLM) -> None:
-    """Set every switched-on resonant component to its no-op (see the module docstring)."""
+RESONANT_COMPONENTS = ("prime_code", "kuramoto", "coherence_gate")
+
+
+@torch.no_grad()
+def start_at_identity(model: ResoLLMForCausalLM, components=RESONANT_COMPONENTS) -> None:
+    """Set the switched-on resonant `components` (default all) to their no-op (see the module docstring).
+
+    Applied to a trained model with one component, it knocks that component out and keeps the others."""
+    unknown = set(components) - set(RESONANT_COMPONENTS)
+    if unknown:
+        raise ValueError(f"components={sorted(unknown)} are invalid: expected a subset of {RESONANT_COMPONENTS}")
     backbone = model.model
-    if backbone.prime_code is not None:
+    if backbone.prime_code is not None and "prime_code" in components:
         backbone.prime_code.proj.weight.zero_()
     for layer in backbone.layers:
-        if layer.self_attn.kuramoto is not None:
+        if layer.self_attn.kuramoto is not None and "kuramoto" in components:
             layer.self_attn.kuramoto.phase_proj.weight.zero_()
-        if layer.coherence_gate is not None:
+        if layer.coherence_gate is not None and "coherence_gate" in components:
             layer.coherence_gate.start_as_identity()
 
 
 def resonant_parameter_names(model: ResoLLMForCausalLM) -> list[str]:
     """The parameters conversion adds to the source's (what `--train resonant` trains)."""
-    markers = (".prime_code.", ".kuramoto.", ".coherence_gate.")
-    return [name for name, _ in model.named_parameters() if any(marker in f".{name}" for marker in markers)]
+    return [name for name, _ in model.named_parameters()
+            if any(f".{component}." in f".{name}" for component in RESONANT_COMPONENTS)]
 
 
 def convert_and_save(source, output_dir: str, **switches) -> ResoLLMForCausalLM:

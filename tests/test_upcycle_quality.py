@@ -48,3 +48,50 @@ def test_matched_lora_ranks_and_goal_ratios(report):
         ratio = rows[variant]["loss_after"] / rows[goal["against"]]["loss_after"]
         assert goal["ratio"] == pytest.approx(ratio) and goal["met"] == (ratio <= 0.99)
     assert Path(report["settings"]["model"]).exists()
+
+
+def test_knocking_out_the_only_trained_component_gives_back_the_source_loss(report):
+    rows = {row["variant"]: row for row in report["rows"]}
+    for variant, kind in (("resonant_prime", "prime_code"), ("resonant_kuramoto", "kuramoto"),
+                          ("resonant_gating", "coherence_gate")):
+        row = rows[variant]
+        assert set(row["knockout_losses"]) == {kind}
+        assert row["knockout_losses"][kind] == pytest.approx(row["loss_before"], abs=1e-5), variant
+    assert set(rows["resonant_all"]["knockout_losses"]) == set(upcycle_quality.RESONANT_KINDS)
+    # training did move them off the identity (where the statistics read 0 / 1, next test)
+    assert max(rows["resonant_kuramoto"]["component_statistics"]["kuramoto"]["phase_rms"]) > 0
+    assert min(rows["resonant_gating"]["component_statistics"]["coherence_gate"]["gate_mean"]) != 1.0
+    assert rows["resonant_prime"]["component_statistics"]["prime_code"]["relative_rms"] > 0
+    assert set(rows["resonant_dynamic"]["component_statistics"]) == set(upcycle_quality.RESONANT_KINDS)
+    for plain in ("lora_match_resonant", "full_smollm2"):
+        assert "component_statistics" not in rows[plain] and "knockout_losses" not in rows[plain]
+
+
+def test_component_statistics_read_the_identity_at_conversion(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from reso_hf.conversion import convert_from_llama
+    from reso_hf.loading import load_causal_lm
+
+    folder = make_sft_base(tmp_path / "tiny-llama")
+    converted = convert_from_llama(load_causal_lm(str(folder)), **upcycle_quality.ALL_SWITCHES)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _, docs = upcycle_quality.build_data(SimpleNamespace(data=bundled_sample_path(), split="dev", seq=96,
+                                                         eval_examples=3), tokenizer)
+    assert len(docs) == 3
+    stats = upcycle_quality.component_statistics(converted, docs, tokenizer.pad_token_id or 0, batch=2)
+    layers = converted.config.num_hidden_layers
+    assert stats["coherence_gate"]["gate_mean"] == pytest.approx([1.0] * layers, abs=1e-6)
+    assert stats["coherence_gate"]["share_below_0.9"] == [0.0] * layers
+    assert stats["kuramoto"]["order_r"] == pytest.approx([1.0] * layers, abs=1e-6)
+    assert stats["kuramoto"]["phase_rms"] == pytest.approx([0.0] * layers, abs=1e-6)
+    assert stats["prime_code"]["relative_rms"] == 0.0
+
+
+def test_start_at_identity_names_the_allowed_components(tmp_path):
+    from reso_hf.conversion import start_at_identity
+
+    with pytest.raises(ValueError, match=r"components=\['gates'\] are invalid.*prime_code"):
+        start_at_identity(None, ["gates"])

@@ -162,21 +162,22 @@ class ResoLLMKuramoto(nn.Module):
         (B, T) bool marks the first token of each packed document: the mean field restarts there, so no phase
         information crosses a document boundary. cos/sin/r are (B, H_kv, T).
         """
-        theta = self.phase_proj(hidden_states).float().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
-        mask = token_mask.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
+        theta = self.phase_proj(hidden_states).float().transpose(1, 2)  # (B, H, T)
+        mask = token_mask.to(torch.float32)[:, None, :]  # (B, 1, T)
         cos, sin = theta.cos(), theta.sin()
-        phasor = torch.cat([cos * mask, sin * mask, mask.expand_as(theta)], dim=-1)  # padding contributes 0
+        phasor = torch.stack([cos * mask, sin * mask, mask.expand_as(theta)], dim=-1)  # padding contributes 0
         sums = phasor.cumsum(dim=2)
         if previous_sums is not None:
             sums = sums + previous_sums
         if segment_starts is not None:
             sums = _restart_at_segments(sums, phasor, segment_starts)
-        count = sums[..., 2:].clamp(min=1.0)
-        mean_cos, mean_sin = sums[..., :1] / count, sums[..., 1:2] / count
-        # r sin(psi - theta) = Im(z e^{-i theta}) = Im(z) cos theta - Re(z) sin theta; zero on padding.
-        pull = (mean_sin * cos - mean_cos * sin) * mask
-        coupled = (theta + self.coupling.float()[:, None, None] * pull).squeeze(-1)
-        order = (mean_cos.square() + mean_sin.square()).sqrt().squeeze(-1)
+        sum_cos, sum_sin, count = sums.unbind(-1)
+        count = count.clamp(min=1.0)
+        # r sin(psi - theta) = Im(z e^{-i theta}) = (S_sin cos theta - S_cos sin theta) / n; zero on padding.
+        # Dividing once by n (not the two means) keeps the per-token op count low: decode runs this per layer.
+        pull = (sum_sin * cos - sum_cos * sin) * (mask / count)
+        coupled = theta + self.coupling.float()[:, None] * pull
+        order = torch.hypot(sum_cos, sum_sin) / count
         return coupled.cos(), coupled.sin(), order, sums
 
 
@@ -215,6 +216,7 @@ class ResoLLMCoherenceGate(nn.Module):
         self.threshold = threshold
         self.sharpness = sharpness
         self.normalized = normalized
+        self._initial_gates = {}
 
     def _gate(self, score: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.sharpness * (torch.sigmoid(score) - self.threshold))
@@ -225,8 +227,18 @@ class ResoLLMCoherenceGate(nn.Module):
         if self.normalized:
             # Divide by the gate of the initial score (computed the same way, so a gate at its initial score is
             # exactly 1): it starts as a no-op yet, unlike a saturated gate, passes a gradient. Range [0, ~1.03].
-            gate = gate / self._gate(torch.full_like(score[..., :1, :1], self.INITIAL_BIAS))
+            gate = gate / self._initial_gate(score)
         return mlp_output * gate, gate.squeeze(-1)
+
+    def _initial_gate(self, score: torch.Tensor) -> torch.Tensor:
+        """The gate at the initial score, in `score`'s dtype and device; a constant, so kept rather than recomputed
+        by five kernels per layer and decoded token."""
+        key = (score.dtype, score.device, self.threshold, self.sharpness)
+        if key not in self._initial_gates:
+            with torch.no_grad():
+                initial = torch.full((1, 1, 1), self.INITIAL_BIAS, dtype=score.dtype, device=score.device)
+                self._initial_gates[key] = self._gate(initial)
+        return self._initial_gates[key]
 
     @torch.no_grad()
     def start_as_identity(self) -> None:

@@ -258,12 +258,15 @@ class ResoLLMAttention(nn.Module):
                 past_key_values):
         key_cos, key_sin = self._key_rotation(hidden_states, position_embeddings, token_mask, segment_starts,
                                               past_key_values)
+        keys = apply_rotary(key_states, key_cos, key_sin)
         if self.kuramoto is None or self.num_key_value_groups == 1:
-            query_cos, query_sin = key_cos, key_sin
-        else:
-            query_cos = key_cos.repeat_interleave(self.num_key_value_groups, dim=1)
-            query_sin = key_sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        return apply_rotary(query_states, query_cos, query_sin), apply_rotary(key_states, key_cos, key_sin)
+            return apply_rotary(query_states, key_cos, key_sin), keys
+        # The content phase is per key/value head: rotate each query group by its head's angles through a
+        # (B, H_kv, groups, T, D) view rather than repeating the angles for every query head.
+        batch, heads, length, dim = query_states.shape
+        grouped = query_states.view(batch, key_cos.shape[1], -1, length, dim)  # local heads under tensor parallelism
+        queries = apply_rotary(grouped, key_cos.unsqueeze(2), key_sin.unsqueeze(2))
+        return queries.view(batch, heads, length, dim), keys
 
     def cache_key_values(self, hidden_states, position_embeddings, token_mask=None, segment_starts=None,
                          past_key_values: Cache | None = None) -> None:

@@ -254,14 +254,24 @@ def knockout_losses(model, docs, pad_id: int, batch: int) -> dict:
 
 
 def parameter_groups(model, variant: str, lr: float, args) -> list[dict]:
-    """One AdamW group, except resonant_dynamic with --resonant-dynamic-lr: the resonant parameters at that rate
-    (what `reso-hf sft --resonant_learning_rate` does), the adapter at --lr."""
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if variant != "resonant_dynamic" or args.resonant_dynamic_lr is None:
-        return [{"params": [p for _, p in trained], "lr": lr}]
-    resonant = [p for name, p in trained if any(f".{kind}." in f".{name}" for kind in RESONANT_KINDS)]
-    adapter = [p for name, p in trained if not any(f".{kind}." in f".{name}" for kind in RESONANT_KINDS)]
-    return [{"params": adapter, "lr": lr}, {"params": resonant, "lr": args.resonant_dynamic_lr}]
+    """AdamW groups by learning rate. One group at `lr`, except: with --resonant-dynamic-lr, resonant_dynamic's
+    resonant parameters at that rate (what `reso-hf sft --resonant_learning_rate` does), its adapter at --lr; with
+    --kuramoto-lr, the Kuramoto parameters of every resonant-only and resonant_dynamic variant at that rate."""
+    def rate(name: str) -> float:
+        marked = f".{name}"
+        if variant == "full_resollm" or not any(f".{kind}." in marked for kind in RESONANT_KINDS):
+            return lr
+        if args.kuramoto_lr is not None and ".kuramoto." in marked:
+            return args.kuramoto_lr
+        if variant == "resonant_dynamic" and args.resonant_dynamic_lr is not None:
+            return args.resonant_dynamic_lr
+        return lr
+
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault(rate(name), []).append(parameter)
+    return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
 
 
 def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ranks: dict, seed: int) -> dict:
@@ -371,6 +381,10 @@ def parse_args(argv=None):
     parser.add_argument("--resonant-dynamic-lr", type=float, default=None,
                         help="resonant_dynamic only: the resonant parameters' own rate (the adapter stays at --lr); "
                              "default: --lr for both, as in the first reported run")
+    parser.add_argument("--kuramoto-lr", type=float, default=None,
+                        help="the Kuramoto phase projection and coupling's own rate in the resonant-only variants and "
+                             "resonant_dynamic (default: the rate of the other resonant parameters); their phases "
+                             "hardly leave 0 at 1e-4 in 24 steps (component_statistics)")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="earlier JSON results: their rows with the "
@@ -384,7 +398,7 @@ def parse_args(argv=None):
 
 SETTINGS = ["model", "data", "split", "steps", "batch", "seq", "eval_examples", "lr", "resonant_lr", "full_lr"]
 # settings added later: in the JSON only when set, so that earlier results stay reusable
-OPTIONAL_SETTINGS = ["resonant_dynamic_lr"]
+OPTIONAL_SETTINGS = ["resonant_dynamic_lr", "kuramoto_lr"]
 
 
 def main(argv=None) -> dict:

@@ -95,3 +95,22 @@ def test_start_at_identity_names_the_allowed_components(tmp_path):
 
     with pytest.raises(ValueError, match=r"components=\['gates'\] are invalid.*prime_code"):
         start_at_identity(None, ["gates"])
+
+
+def test_kuramoto_learning_rate_gets_its_own_group(tmp_path):
+    from types import SimpleNamespace
+
+    from reso_hf.loading import load_causal_lm
+
+    base = load_causal_lm(str(make_sft_base(tmp_path / "tiny-llama")))
+    model, _ = upcycle_quality.build_variant("resonant_all", base, {})
+    kuramoto = {id(p) for name, p in model.named_parameters() if ".kuramoto." in name}
+    default = SimpleNamespace(kuramoto_lr=None, resonant_dynamic_lr=None)
+    assert [g["lr"] for g in upcycle_quality.parameter_groups(model, "resonant_all", 1e-4, default)] == [1e-4]
+    groups = upcycle_quality.parameter_groups(model, "resonant_all", 1e-4,
+                                              SimpleNamespace(kuramoto_lr=3e-3, resonant_dynamic_lr=None))
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[3e-3] == kuramoto and by_lr[1e-4] and not by_lr[1e-4] & kuramoto
+    full, _ = upcycle_quality.build_variant("full_resollm", base, {})  # full fine-tuning: one rate for everything
+    assert len(upcycle_quality.parameter_groups(full, "full_resollm", 2e-5,
+                                                SimpleNamespace(kuramoto_lr=3e-3, resonant_dynamic_lr=None))) == 1

@@ -362,6 +362,32 @@ def table(rows: list[dict]) -> str:
     return markdown_table(["variant", "trainable", "lr", "loss before", "loss after", "seeds", "ratio"], lines)
 
 
+def component_table(rows: list[dict]) -> str:
+    """One line per trained model with resonant parts: its loss, the loss with each component knocked out, and what
+    each component does on the evaluated tokens (means over layers, the largest layer in brackets)."""
+    def spread(values: list[float], digits: int) -> str:
+        return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    lines = []
+    for row in rows:
+        if "knockout_losses" not in row:
+            continue
+        knocked, stats = row["knockout_losses"], row["component_statistics"]
+        gate, kuramoto, prime = stats.get("coherence_gate"), stats.get("kuramoto"), stats.get("prime_code")
+        lines.append([
+            row["variant"], row["seed"], f"{row['loss_after']:.4f}",
+            *(f"{knocked[kind] - row['loss_after']:+.4f}" if kind in knocked else "" for kind in RESONANT_KINDS),
+            spread(gate["gate_mean"], 3) if gate else "",
+            f"{100 * sum(gate['share_below_0.9']) / len(gate['share_below_0.9']):.2f}%" if gate else "",
+            f"{min(kuramoto['order_r']):.3f}" if kuramoto else "",
+            f"{sum(kuramoto['phase_rms']) / len(kuramoto['phase_rms']):.4f} ({max(kuramoto['phase_rms']):.3f})"
+            if kuramoto else "",
+            f"{prime['relative_rms']:.3f}" if prime else ""])
+    return markdown_table(["variant", "seed", "loss", "knock out prime", "knock out Kuramoto", "knock out gates",
+                           "gate mean (layer range)", "tokens g < 0.9", "min layer r", "phase RMS rad (max layer)",
+                           "prime / embedding RMS"], lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-gguf (default), a .gguf file, a folder or a Hub id")
@@ -442,6 +468,9 @@ def main(argv=None) -> dict:
     result = report()
     plot(rows, args.out)
     print(f"\n### Upcycling quality ({args.split} split)\n\n{table(rows)}\n\ngoal: {json.dumps(result['goal'])}")
+    if any("knockout_losses" in row for row in rows):
+        print(f"\n### What the resonant components do (knock-out: loss change when one is put back at its identity)"
+              f"\n\n{component_table(rows)}")
     return result
 
 

@@ -114,3 +114,14 @@ def test_kuramoto_learning_rate_gets_its_own_group(tmp_path):
     full, _ = upcycle_quality.build_variant("full_resollm", base, {})  # full fine-tuning: one rate for everything
     assert len(upcycle_quality.parameter_groups(full, "full_resollm", 2e-5,
                                                 SimpleNamespace(kuramoto_lr=3e-3, resonant_dynamic_lr=None))) == 1
+
+
+def test_component_table_reports_the_knockout_differences(report):
+    rows = {row["variant"]: row for row in report["rows"]}
+    table = upcycle_quality.component_table(report["rows"])
+    line = next(line for line in table.splitlines() if line.startswith("| resonant_all |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    knocked = rows["resonant_all"]["knockout_losses"]
+    expected = [f"{knocked[kind] - rows['resonant_all']['loss_after']:+.4f}" for kind in upcycle_quality.RESONANT_KINDS]
+    assert cells[3:6] == expected
+    assert not any(line.startswith("| lora_match") or line.startswith("| full_smollm2") for line in table.splitlines())

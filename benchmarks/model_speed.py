@@ -109,6 +109,21 @@ def decode_tokens_per_second(model, prompt, new_tokens, device) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def decode_kernels_per_token(model, prompt) -> int:
+    """Top-level aten ops of one cached decode step (batch 1). On a CPU these small kernels, not the arithmetic, set
+    the decode speed of a model this size; the count is exact where the timings are noisy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.eval()
+    outputs = model(prompt, use_cache=True)
+    next_token = outputs.logits[:, -1:].argmax(-1)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model(next_token, past_key_values=outputs.past_key_values, use_cache=True)
+    return sum(1 for event in profiler.events() if event.name.startswith("aten::")
+               and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+
+
 def peak_memory_mb(variant: str, args) -> float:
     """Peak RSS growth of one training step, measured in a fresh process."""
     command = [sys.executable, __file__, "--measure_memory_of", variant, "--preset", args.preset,
@@ -166,6 +181,7 @@ def run(args) -> dict:
     for name, model in models.items():
         rows[name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
+            "decode_kernels_per_token": decode_kernels_per_token(model, prompt),
             **{metric: statistics.median(values) for metric, values in timings[name].items()},
         }
     if not args.skip_memory:
@@ -181,15 +197,15 @@ def run(args) -> dict:
 
 def print_table(rows: dict) -> str:
     header = (f"| variant | params | train step (ms) | x Llama | prefill (ms) | x Llama | decode tok/s | "
-              f"x Llama | peak train mem (MB) |")
-    lines = [header, "|" + "---|" * 9]
+              f"x Llama | kernels / token | peak train mem (MB) |")
+    lines = [header, "|" + "---|" * 10]
     for name, row in rows.items():
         memory = f"{row['peak_train_memory_mb']:.0f}" if "peak_train_memory_mb" in row else "n/a"
         lines.append(
             f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['train_step_s'] * 1e3:.1f} | "
             f"{row['train_step_ratio_vs_llama']:.2f} | {row['prefill_s'] * 1e3:.1f} | "
             f"{row['prefill_ratio_vs_llama']:.2f} | {row['decode_tok_s']:.0f} | {row['decode_ratio_vs_llama']:.2f} | "
-            f"{memory} |"
+            f"{row.get('decode_kernels_per_token', 'n/a')} | {memory} |"
         )
     table = "\n".join(lines)
     print(table)

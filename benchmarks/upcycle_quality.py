@@ -32,7 +32,13 @@ against full_smollm2.
     python benchmarks/upcycle_quality.py --seeds 0 1            # the reported held-out figures
     python benchmarks/upcycle_quality.py --variants resonant_all lora_match_resonant --reuse earlier.json
 
-Writes benchmarks/results/upcycle_quality[_dev].json and .png (atomically) and prints a markdown table.
+Every model with resonant parts also gets `component_statistics` (per layer: coherence gate, Kuramoto order
+parameter and content phase, prime-code share) and `knockout_losses` (held-out loss with one trained component put
+back at its identity), printed as a second table: which component helps, which hurts, and how far each moved.
+
+    python benchmarks/upcycle_quality.py --split dev --variants resonant_all --kuramoto-lr 1e-3   # Kuramoto's own rate
+
+Writes benchmarks/results/upcycle_quality[_dev].json and .png (atomically) and prints markdown tables.
 """
 
 from __future__ import annotations

@@ -66,7 +66,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reso_hf  # noqa: E402
 from continual import ATTENTION, COMPACT_RANKS, DEFAULT_DATA, atomic_write, collate, held_out_loss, split  # noqa: E402
 from dynamic_lora_common import DEFAULT_MODEL, RESULTS, load_causal_lm, load_tokenizer, markdown_table, with_ending  # noqa: E402
-from reso_hf.conversion import RESONANT_COMPONENTS, convert_from_llama, resonant_parameter_names, start_at_identity  # noqa: E402
+from reso_hf.conversion import (  # noqa: E402
+    RESONANT_COMPONENTS,
+    convert_from_llama,
+    resonant_component,
+    resonant_parameter_names,
+    start_at_identity,
+)
 from reso_hf.training.data import (  # noqa: E402
     IGNORE_INDEX,
     parse_guanaco,
@@ -82,7 +88,6 @@ VARIANTS = ["lora_match_resonant", "lora_match_dynamic", "full_smollm2", *RESONA
 COMPARISONS = {"resonant_all": "lora_match_resonant", "resonant_dynamic": "lora_match_dynamic",
                "full_resollm": "full_smollm2"}
 GOAL_RATIO = 0.99
-RESONANT_KINDS = RESONANT_COMPONENTS
 
 
 def build_data(args, tokenizer) -> tuple[list, list]:
@@ -155,10 +160,9 @@ def resonant_statistics(model) -> dict:
     """Where training took the resonant parameters: their norms, per kind (0 = still at the identity)."""
     stats = {}
     for name, parameter in model.named_parameters():
-        for kind in RESONANT_KINDS:
-            if f".{kind}." in f".{name}":
-                stats.setdefault(kind, 0.0)
-                stats[kind] += float(parameter.detach().float().pow(2).sum())
+        kind = resonant_component(name)
+        if kind:
+            stats[kind] = stats.get(kind, 0.0) + float(parameter.detach().float().pow(2).sum())
     return {kind: math.sqrt(value) for kind, value in stats.items()}
 
 
@@ -243,14 +247,13 @@ def component_statistics(model, docs, pad_id: int, batch: int) -> dict:
     return stats
 
 
-def knockout_losses(model, docs, pad_id: int, batch: int) -> dict:
-    """Held-out loss with each trained resonant component put back at its identity, the others kept: how much
-    that component, as trained, helps (loss goes up when removed) or hurts (loss goes down)."""
+def knockout_losses(model, kinds, docs, pad_id: int, batch: int) -> dict:
+    """Held-out loss with each trained resonant component of `kinds` put back at its identity, the others kept: how
+    much that component, as trained, helps (loss goes up when removed) or hurts (loss goes down)."""
     backbone = model.base_model.model if hasattr(model, "peft_config") else model
-    kinds = [kind for kind in RESONANT_KINDS if any(f".{kind}." in f".{name}" for name, _ in backbone.named_parameters())]
     losses = {}
     for kind in kinds:
-        saved = {name: p.detach().clone() for name, p in backbone.named_parameters() if f".{kind}." in f".{name}"}
+        saved = {name: p.detach().clone() for name, p in backbone.named_parameters() if resonant_component(name) == kind}
         start_at_identity(backbone, [kind])
         losses[kind] = held_out_loss(model, docs, pad_id, batch)
         with torch.no_grad():
@@ -264,10 +267,10 @@ def parameter_groups(model, variant: str, lr: float, args) -> list[dict]:
     resonant parameters at that rate (what `reso-hf sft --resonant_learning_rate` does), its adapter at --lr; with
     --kuramoto-lr, the Kuramoto parameters of every resonant-only and resonant_dynamic variant at that rate."""
     def rate(name: str) -> float:
-        marked = f".{name}"
-        if variant == "full_resollm" or not any(f".{kind}." in marked for kind in RESONANT_KINDS):
+        component = resonant_component(name)
+        if variant == "full_resollm" or component is None:
             return lr
-        if args.kuramoto_lr is not None and ".kuramoto." in marked:
+        if args.kuramoto_lr is not None and component == "kuramoto":
             return args.kuramoto_lr
         if variant == "resonant_dynamic" and args.resonant_dynamic_lr is not None:
             return args.resonant_dynamic_lr
@@ -307,18 +310,20 @@ def run_variant(variant: str, base, train_docs, eval_docs, args, pad_id: int, ra
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     after = held_out_loss(model, eval_docs, pad_id, args.eval_batch)
+    norms = resonant_statistics(model)
     return {"variant": variant, "seed": seed, "trainable_params": sum(p.numel() for p in parameters), "lr": lr,
             "group_lrs": [group["lr"] for group in optimizer.param_groups],
             "loss_before": before, "loss_after": after, "train_losses": losses, "train_seconds": seconds,
-            "resonant_norms": resonant_statistics(model), **diagnostics(model, eval_docs, args, pad_id)}
+            "resonant_norms": norms, **diagnostics(model, list(norms), eval_docs, args, pad_id)}
 
 
-def diagnostics(model, eval_docs, args, pad_id: int) -> dict:
-    """For a model with resonant parts (not the plain SmolLM2 variants): their statistics and knock-out losses."""
-    if not resonant_statistics(model):
+def diagnostics(model, kinds, eval_docs, args, pad_id: int) -> dict:
+    """For a model with resonant parts `kinds` (none in the plain SmolLM2 variants): their statistics and knock-out
+    losses."""
+    if not kinds:
         return {}
     return {"component_statistics": component_statistics(model, eval_docs, pad_id, args.eval_batch),
-            "knockout_losses": knockout_losses(model, eval_docs, pad_id, args.eval_batch)}
+            "knockout_losses": knockout_losses(model, kinds, eval_docs, pad_id, args.eval_batch)}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -382,7 +387,7 @@ def component_table(rows: list[dict]) -> str:
         gate, kuramoto, prime = stats.get("coherence_gate"), stats.get("kuramoto"), stats.get("prime_code")
         lines.append([
             row["variant"], row["seed"], f"{row['loss_after']:.4f}",
-            *(f"{knocked[kind] - row['loss_after']:+.4f}" if kind in knocked else "" for kind in RESONANT_KINDS),
+            *(f"{knocked[kind] - row['loss_after']:+.4f}" if kind in knocked else "" for kind in RESONANT_COMPONENTS),
             spread(gate["gate_mean"], 3) if gate else "",
             f"{100 * sum(gate['share_below_0.9']) / len(gate['share_below_0.9']):.2f}%" if gate else "",
             f"{min(kuramoto['order_r']):.3f}" if kuramoto else "",

@@ -112,10 +112,15 @@ def start_at_identity(model: ResoLLMForCausalLM, components=RESONANT_COMPONENTS)
             layer.coherence_gate.start_as_identity()
 
 
+def resonant_component(parameter_name: str) -> str | None:
+    """The resonant component (one of RESONANT_COMPONENTS) that a parameter belongs to; None for the source's own."""
+    marked = f".{parameter_name}"
+    return next((component for component in RESONANT_COMPONENTS if f".{component}." in marked), None)
+
+
 def resonant_parameter_names(model: ResoLLMForCausalLM) -> list[str]:
     """The parameters conversion adds to the source's (what `--train resonant` trains)."""
-    return [name for name, _ in model.named_parameters()
-            if any(f".{component}." in f".{name}" for component in RESONANT_COMPONENTS)]
+    return [name for name, _ in model.named_parameters() if resonant_component(name)]
 
 
 def convert_and_save(source, output_dir: str, **switches) -> ResoLLMForCausalLM:

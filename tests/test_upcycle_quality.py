@@ -57,12 +57,12 @@ def test_knocking_out_the_only_trained_component_gives_back_the_source_loss(repo
         row = rows[variant]
         assert set(row["knockout_losses"]) == {kind}
         assert row["knockout_losses"][kind] == pytest.approx(row["loss_before"], abs=1e-5), variant
-    assert set(rows["resonant_all"]["knockout_losses"]) == set(upcycle_quality.RESONANT_KINDS)
+    assert set(rows["resonant_all"]["knockout_losses"]) == set(upcycle_quality.RESONANT_COMPONENTS)
     # training did move them off the identity (where the statistics read 0 / 1, next test)
     assert max(rows["resonant_kuramoto"]["component_statistics"]["kuramoto"]["phase_rms"]) > 0
     assert min(rows["resonant_gating"]["component_statistics"]["coherence_gate"]["gate_mean"]) != 1.0
     assert rows["resonant_prime"]["component_statistics"]["prime_code"]["relative_rms"] > 0
-    assert set(rows["resonant_dynamic"]["component_statistics"]) == set(upcycle_quality.RESONANT_KINDS)
+    assert set(rows["resonant_dynamic"]["component_statistics"]) == set(upcycle_quality.RESONANT_COMPONENTS)
     for plain in ("lora_match_resonant", "full_smollm2"):
         assert "component_statistics" not in rows[plain] and "knockout_losses" not in rows[plain]
 
@@ -90,7 +90,7 @@ def test_component_statistics_read_the_identity_at_conversion(tmp_path):
     assert stats["prime_code"]["relative_rms"] == 0.0
 
 
-def test_start_at_identity_names_the_allowed_components(tmp_path):
+def test_start_at_identity_names_the_allowed_components():
     from reso_hf.conversion import start_at_identity
 
     with pytest.raises(ValueError, match=r"components=\['gates'\] are invalid.*prime_code"):
@@ -122,6 +122,6 @@ def test_component_table_reports_the_knockout_differences(report):
     line = next(line for line in table.splitlines() if line.startswith("| resonant_all |"))
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     knocked = rows["resonant_all"]["knockout_losses"]
-    expected = [f"{knocked[kind] - rows['resonant_all']['loss_after']:+.4f}" for kind in upcycle_quality.RESONANT_KINDS]
+    expected = [f"{knocked[kind] - rows['resonant_all']['loss_after']:+.4f}" for kind in upcycle_quality.RESONANT_COMPONENTS]
     assert cells[3:6] == expected
     assert not any(line.startswith("| lora_match") or line.startswith("| full_smollm2") for line in table.splitlines())
